@@ -227,9 +227,7 @@ class Muon(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
-        # A sparse gradient (TF IndexedSlices) is summed per row here, before
-        # any nonlinear moment update, as on the other backends.
-        gradient = ops.cast(ops.convert_to_tensor(gradient), variable.dtype)
+        gradient = ops.cast(_dense(gradient, variable.shape), variable.dtype)
         lr = ops.cast(learning_rate, variable.dtype)
         if self._routes[index].view is None:
             self._adamw_update_step(index, gradient, variable, lr * self.adam_lr_ratio)
@@ -384,6 +382,19 @@ class Muon(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _dense(gradient, shape):
+    """`gradient` as a dense tensor of `shape`.
+
+    TensorFlow gives embedding lookups sparse gradients (`IndexedSlices`)
+    whose rows can repeat. They are summed per row here, before any
+    nonlinear moment update, so that all backends compute the same thing.
+    """
+    if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
+        rows = ops.expand_dims(gradient.indices, -1)
+        return ops.scatter(rows, gradient.values, shape)
+    return gradient
 
 
 def _check_number(arg, value, minimum=None, below=None, above=None, optional=False):

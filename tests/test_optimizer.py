@@ -1,0 +1,407 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_muon
+from keras_muon import coefficient_schedule
+from tests import reference
+
+SHAPES = {"widening": (24, 40), "narrowing": (40, 24)}
+
+
+def random_arrays(shapes, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [(scale * rng.normal(size=shape)).astype("float32") for shape in shapes]
+
+
+def run(optimizer, initial, gradients, names=None, dtype="float32"):
+    """Applies each step's gradients; returns the final values as float64."""
+    names = names or ["kernel"] * len(initial)
+    variables = [
+        keras.Variable(w, name=name, dtype=dtype) for w, name in zip(initial, names)
+    ]
+    for step in gradients:
+        optimizer.apply([ops.convert_to_tensor(g, dtype=dtype) for g in step], variables)
+    return [ops.convert_to_numpy(ops.cast(v, "float32")).astype(np.float64) for v in variables]
+
+
+def muon_reference(initial, gradients, *, lr, momentum=0.95, nesterov=True,
+                   weight_decay=0.0, scale="moonlight", rms_rate=0.2,
+                   schedule=None, learning_rates=None):
+    """Muon on 2-D kernels read as (d_in, d_out) = shape, in float64."""
+    schedule = schedule or coefficient_schedule("polar_express", 5)
+    finals = []
+    for i, w in enumerate(initial):
+        w = w.astype(np.float64)
+        m = np.zeros_like(w)
+        s = reference.scale(scale, *w.shape, rms_rate=rms_rate)
+        for t, step in enumerate(gradients):
+            w, m = reference.muon_step(
+                w, m, step[i].astype(np.float64),
+                lr=learning_rates[t] if learning_rates else lr,
+                momentum=momentum, nesterov=nesterov,
+                weight_decay=weight_decay, scale=s, schedule=schedule,
+            )
+        finals.append(w)
+    return finals
+
+
+# float32 against float64: each step rounds at about 1e-7 relative to the
+# weights (of order 1) and the iteration adds about 1e-6 relative to the
+# update (of order lr·0.2).
+ATOL = 2e-6
+
+
+@pytest.mark.parametrize("scale", ["moonlight", "jordan", "mup", "naive"])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_muon_matches_reference(scale, nesterov, steps):
+    initial = random_arrays(SHAPES.values(), seed=0)
+    gradients = [random_arrays(SHAPES.values(), seed=1 + t) for t in range(steps)]
+    lr = 0.02 if scale == "moonlight" else 0.005
+    optimizer = keras_muon.Muon(
+        learning_rate=lr, scale=scale, nesterov=nesterov, weight_decay=0.1
+    )
+    expected = muon_reference(
+        initial, gradients, lr=lr, scale=scale, nesterov=nesterov, weight_decay=0.1
+    )
+    for got, want, w0 in zip(run(optimizer, initial, gradients), expected, initial):
+        assert np.abs(want - w0).max() > 100 * ATOL  # the step is not trivial
+        np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+@pytest.mark.parametrize("coefficients", ["jordan", "you", [(3.0, -3.2, 1.2)]])
+def test_muon_with_other_schedules(coefficients):
+    initial = random_arrays([(16, 20)], seed=2)
+    gradients = [random_arrays([(16, 20)], seed=3 + t) for t in range(3)]
+    optimizer = keras_muon.Muon(
+        learning_rate=0.02, ns_coefficients=coefficients, ns_steps=6, momentum=0.9
+    )
+    expected = muon_reference(
+        initial, gradients, lr=0.02, momentum=0.9, weight_decay=0.004,
+        schedule=coefficient_schedule(coefficients, 6),
+    )
+    np.testing.assert_allclose(run(optimizer, initial, gradients)[0], expected[0], atol=ATOL)
+
+
+def test_adamw_route_matches_reference_and_keras_adamw():
+    shapes = [(7,), (5, 6)]  # a bias and a 2-D non-kernel (layer unknown)
+    names = ["bias", "embeddings"]
+    initial = random_arrays(shapes, seed=4)
+    gradients = [random_arrays(shapes, seed=5 + t) for t in range(3)]
+    optimizer = keras_muon.Muon(
+        learning_rate=0.01, adam_lr_ratio=0.5, adam_weight_decay=0.1,
+        adam_beta_1=0.8, adam_beta_2=0.99, epsilon=1e-6,
+    )
+    got = run(optimizer, initial, gradients, names)
+    keras_adamw = keras.optimizers.AdamW(
+        learning_rate=0.005, weight_decay=0.1, beta_1=0.8, beta_2=0.99, epsilon=1e-6
+    )
+    from_keras = run(keras_adamw, initial, gradients, names)
+    for i, w in enumerate(initial):
+        w, m, v = w.astype(np.float64), 0.0, 0.0
+        for t, step in enumerate(gradients):
+            w, m, v = reference.adamw_step(
+                w, m, v, step[i], step=t + 1, lr=0.005, beta_1=0.8,
+                beta_2=0.99, epsilon=1e-6, weight_decay=0.1,
+            )
+        np.testing.assert_allclose(got[i], w, atol=1e-6)
+        np.testing.assert_allclose(got[i], from_keras[i], atol=1e-6)
+
+
+def test_exclude_from_weight_decay():
+    initial = random_arrays([(12, 10)], seed=6)
+    gradients = [random_arrays([(12, 10)], seed=7)]
+    optimizer = keras_muon.Muon(learning_rate=0.02, weight_decay=0.5)
+    optimizer.exclude_from_weight_decay(var_names=["kernel"])
+    expected = muon_reference(initial, gradients, lr=0.02, weight_decay=0.0)
+    np.testing.assert_allclose(run(optimizer, initial, gradients)[0], expected[0], atol=ATOL)
+
+
+def test_learning_rate_schedule():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=0.5)
+    initial = random_arrays([(10, 14)], seed=8)
+    gradients = [random_arrays([(10, 14)], seed=9 + t) for t in range(3)]
+    optimizer = keras_muon.Muon(learning_rate=schedule, weight_decay=0.1)
+    expected = muon_reference(
+        initial, gradients, lr=None, weight_decay=0.1, learning_rates=[0.05, 0.025, 0.0125]
+    )
+    np.testing.assert_allclose(run(optimizer, initial, gradients)[0], expected[0], atol=ATOL)
+
+
+@pytest.mark.parametrize("shape", [(1, 50), (50, 1), (8, 65536)])
+def test_extreme_shapes(shape):
+    initial = random_arrays([shape], seed=10)
+    gradients = [random_arrays([shape], seed=11)]
+    optimizer = keras_muon.Muon(learning_rate=0.02)
+    expected = muon_reference(initial, gradients, lr=0.02, weight_decay=0.004)
+    np.testing.assert_allclose(run(optimizer, initial, gradients)[0], expected[0], atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_low_precision_variables(dtype, tolerance):
+    initial = random_arrays([(16, 24)], seed=12, scale=0.02)
+    gradients = [random_arrays([(16, 24)], seed=13 + t) for t in range(2)]
+    optimizer = keras_muon.Muon(learning_rate=0.05)
+    got = run(optimizer, initial, gradients, dtype=dtype)[0]
+    expected = muon_reference(initial, gradients, lr=0.05, weight_decay=0.004)[0]
+    step = expected - initial[0]
+    # Relative to the size of the update: the dtype's rounding of the
+    # weights and of the update.
+    assert np.linalg.norm(got - expected) <= tolerance * np.linalg.norm(step) + 1e-3 * np.linalg.norm(
+        np.spacing(initial[0].astype(dtype).astype(np.float32))
+    )
+
+
+@pytest.mark.parametrize("ns_dtype", ["bfloat16", "float16"])
+def test_low_precision_newton_schulz(ns_dtype):
+    initial = random_arrays([(16, 24)], seed=14)
+    gradients = [random_arrays([(16, 24)], seed=15)]
+    got = run(keras_muon.Muon(learning_rate=0.05, ns_dtype=ns_dtype), initial, gradients)[0]
+    exact = run(keras_muon.Muon(learning_rate=0.05), initial, gradients)[0]
+    step = exact - initial[0]
+    # bfloat16: ~10% of the update (see test_newton_schulz); float16: ~1%.
+    tolerance = 0.15 if ns_dtype == "bfloat16" else 0.02
+    assert np.linalg.norm(got - exact) <= tolerance * np.linalg.norm(step)
+
+
+def test_gradient_accumulation_averages_gradients():
+    initial = random_arrays([(12, 16)], seed=16)
+    g1, g2 = random_arrays([(12, 16)], seed=17), random_arrays([(12, 16)], seed=18)
+    optimizer = keras_muon.Muon(learning_rate=0.02, gradient_accumulation_steps=2)
+    after_one = run(optimizer, initial, [g1])[0]
+    np.testing.assert_array_equal(after_one, initial[0])
+    got = run(keras_muon.Muon(learning_rate=0.02, gradient_accumulation_steps=2), initial, [g1, g2])[0]
+    average = [(g1[0] + g2[0]) / 2]
+    expected = muon_reference(initial, [average], lr=0.02, weight_decay=0.004)[0]
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
+def test_gradient_clipping(clip):
+    initial = random_arrays([(12, 16), (8, 8)], seed=19)
+    gradients = [random_arrays([(12, 16), (8, 8)], seed=20)]
+    got = run(keras_muon.Muon(learning_rate=0.02, **{clip: 0.5}), initial, gradients)
+    g = gradients[0]
+    if clip == "clipnorm":
+        clipped = [x * min(1.0, 0.5 / np.linalg.norm(x)) for x in g]
+    else:
+        total = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g))
+        clipped = [x * min(1.0, 0.5 / total) for x in g]
+    # msign forgets the gradient's scale, but the momentum of later steps
+    # would not: check against the reference on the clipped gradients.
+    expected = muon_reference(initial, [clipped], lr=0.02, weight_decay=0.004)
+    for got_i, want in zip(got, expected):
+        np.testing.assert_allclose(got_i, want, atol=ATOL)
+    # And the clipped momentum is what the optimizer stored.
+    optimizer = keras_muon.Muon(learning_rate=0.02, **{clip: 0.5})
+    run(optimizer, initial, gradients)
+    momentum = ops.convert_to_numpy(optimizer._momentums[0])
+    np.testing.assert_allclose(momentum, clipped[0], rtol=1e-5)
+
+
+def test_non_finite_gradients():
+    initial = random_arrays([(6, 8), (6, 8)], seed=21)
+    gradients = random_arrays([(6, 8), (6, 8)], seed=22)
+    for g in gradients:
+        g[2, 3] = np.nan
+    muon_kernel, adamw_weight = run(keras_muon.Muon(), initial, [gradients], ["kernel", "table"])
+    # msign mixes every entry of a matrix: the whole kernel becomes NaN.
+    assert np.isnan(muon_kernel).all()
+    # AdamW is elementwise, like keras.optimizers.AdamW.
+    keras_adamw = run(keras.optimizers.AdamW(), initial, [gradients], ["kernel", "table"])[1]
+    np.testing.assert_array_equal(np.isnan(adamw_weight), np.isnan(keras_adamw))
+    assert np.isnan(adamw_weight).sum() == 1
+
+
+def test_loss_scale_optimizer_skips_non_finite_steps(dtype_policy):
+    dtype_policy("mixed_float16")
+    model = keras.Sequential([keras.layers.Dense(8), keras.layers.Dense(2)])
+    model.compile(optimizer=keras_muon.Muon(learning_rate=0.02), loss="mse")
+    x = np.ones((4, 3), "float32")
+    model.fit(x, np.zeros((4, 2)), verbose=0)  # builds everything
+    before = [ops.convert_to_numpy(w) for w in model.weights]
+    model.fit(x, np.full((4, 2), np.inf), verbose=0)
+    for got, want in zip(model.weights, before):
+        np.testing.assert_array_equal(ops.convert_to_numpy(got), want)
+    model.fit(x, np.ones((4, 2)), verbose=0)
+    after = [ops.convert_to_numpy(w) for w in model.weights]
+    assert all(np.isfinite(w).all() for w in after)
+    assert not np.allclose(after[0], before[0])
+
+
+def small_classifier():
+    tokens = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(20, 8, name="embed")(tokens)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    logits = keras.layers.Dense(4, name="head")(x)
+    return keras.Model(tokens, logits)
+
+
+def classifier_data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    # Repeated tokens within a sample exercise summed sparse gradients.
+    return rng.integers(0, 5, size=(n, 6)), rng.integers(0, 4, size=(n,))
+
+
+@pytest.fixture
+def dtype_policy():
+    yield keras.config.set_dtype_policy
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_fit(policy, dtype_policy):
+    dtype_policy(policy)
+    model = small_classifier()
+    optimizer = keras_muon.Muon(learning_rate=0.01)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    if policy == "mixed_float16":
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = classifier_data()
+    history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    routes = {row["path"]: row["route"] for row in optimizer.routing_table()}
+    assert routes["hidden/kernel"] == "muon" and routes["head/kernel"] == "adamw"
+
+
+def test_ema_fit():
+    model = small_classifier()
+    optimizer = keras_muon.Muon(learning_rate=0.01, use_ema=True, ema_momentum=0.5)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = classifier_data()
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    # fit ends by copying the moving averages into the model.
+    for variable, average in zip(model.trainable_variables, optimizer._model_variables_moving_average):
+        np.testing.assert_array_equal(ops.convert_to_numpy(variable), ops.convert_to_numpy(average))
+
+
+def fit_weights(jit_compile, epochs=2, seed=0, **optimizer_kwargs):
+    keras.utils.set_random_seed(seed)
+    model = small_classifier()
+    model.compile(
+        optimizer=keras_muon.Muon(learning_rate=0.01, **optimizer_kwargs),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    x, y = classifier_data()
+    model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0)
+    return [ops.convert_to_numpy(v) for v in model.weights]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="jit_compile is XLA: TensorFlow and JAX"
+)
+def test_compiled_and_eager_training_agree():
+    for compiled, eager in zip(fit_weights(True), fit_weights(False)):
+        np.testing.assert_allclose(compiled, eager, atol=1e-5)
+
+
+def test_save_load_continue_equals_uninterrupted_training(tmp_path):
+    x, y = classifier_data()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    schedule = keras.optimizers.schedules.CosineDecay(0.02, decay_steps=20)
+
+    def compiled_model():
+        keras.utils.set_random_seed(1)
+        model = small_classifier()
+        model.compile(optimizer=keras_muon.Muon(learning_rate=schedule, per_head=True), loss=loss)
+        return model
+
+    uninterrupted = compiled_model()
+    uninterrupted.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0)
+
+    interrupted = compiled_model()
+    interrupted.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    interrupted.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    assert isinstance(restored.optimizer, keras_muon.Muon)
+    restored.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert int(restored.optimizer.iterations) == 16
+    for got, want in zip(restored.weights, uninterrupted.weights):
+        np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(want), atol=1e-6)
+
+
+def test_config_round_trip():
+    optimizer = keras_muon.Muon(
+        learning_rate=keras.optimizers.schedules.CosineDecay(0.02, 100),
+        momentum=0.9, nesterov=False, weight_decay=0.1, scale="jordan",
+        rms_rate=0.3, ns_steps=6, ns_coefficients=[(3.0, -3.2, 1.2)],
+        ns_dtype="bfloat16", per_head=True, exclude_layers=["head"],
+        adam_beta_1=0.8, adam_beta_2=0.95, epsilon=1e-8,
+        adam_weight_decay=0.01, adam_lr_ratio=0.5, global_clipnorm=1.0,
+        gradient_accumulation_steps=2, name="muon_test",
+    )
+    config = optimizer.get_config()
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert type(restored) is keras_muon.Muon
+    assert restored.get_config() == config
+    assert config["ns_coefficients"] == [[3.0, -3.2, 1.2]] * 6
+    assert keras.saving.get_registered_name(keras_muon.Muon) == "keras_muon>Muon"
+
+
+def test_defaults_match_keras_muon_where_shared():
+    ours = keras_muon.Muon().get_config()
+    theirs = keras.optimizers.Muon().get_config()
+    shared = set(ours) & set(theirs) - {"name"}
+    assert {"learning_rate", "weight_decay", "momentum", "ns_steps", "rms_rate"} <= shared
+    for key in shared:
+        assert ours[key] == theirs[key], key
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"scale": "foo"}, "scale"),
+        ({"ns_steps": 0}, "ns_steps"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"ns_coefficients": [(1.0, 2.0)]}, "ns_coefficients"),
+        ({"ns_coefficients": "fast"}, "ns_coefficients"),
+        ({"learning_rate": -0.1}, "learning_rate"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"adam_weight_decay": -1.0}, "adam_weight_decay"),
+        ({"adam_lr_ratio": -1.0}, "adam_lr_ratio"),
+        ({"rms_rate": 0.0}, "rms_rate"),
+        ({"adam_beta_1": 1.0}, "adam_beta_1"),
+        ({"adam_beta_2": -0.1}, "adam_beta_2"),
+        ({"epsilon": -1e-8}, "epsilon"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"weight_decay": float("inf")}, "weight_decay"),
+        ({"momentum": "0.9"}, "momentum"),
+        ({"nesterov": "yes"}, "nesterov"),
+        ({"per_head": 1}, "per_head"),
+        ({"ns_dtype": "int8"}, "ns_dtype"),
+        ({"exclude_layers": ["("]}, "exclude_layers"),
+        ({"exclude_layers": [3]}, "exclude_layers"),
+        ({"muon_a": 3.4}, "muon_a"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        keras_muon.Muon(**kwargs)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="sparse gradients come from TensorFlow"
+)
+def test_sparse_gradients_are_summed_per_row_first():
+    import tensorflow as tf
+
+    initial = random_arrays([(6, 4)], seed=26)
+    rows = np.array([1, 3, 1, 1])
+    values = random_arrays([(4, 4)], seed=27)[0]
+    dense = np.zeros((6, 4), "float32")
+    np.add.at(dense, rows, values)
+    optimizer = keras_muon.Muon(learning_rate=0.01)
+    table = keras.Variable(initial[0], name="embeddings")
+    sparse = tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([6, 4]))
+    optimizer.apply([sparse], [table])
+    expected = run(keras_muon.Muon(learning_rate=0.01), initial, [[dense]], ["embeddings"])[0]
+    np.testing.assert_allclose(ops.convert_to_numpy(table), expected, atol=1e-7)

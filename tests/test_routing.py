@@ -1,0 +1,402 @@
+import keras
+import numpy as np
+import pytest
+from keras import layers
+from keras import ops
+
+import keras_muon
+from keras_muon import matrix_views
+from keras_muon import routing as routing_module
+
+
+def routing(model, **kwargs):
+    """{path: row} of the routing table, built the way `fit` builds it."""
+    optimizer = keras_muon.Muon(**kwargs)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return {row["path"]: row for row in optimizer.routing_table()}
+
+
+def routes(table):
+    return {path: row["route"] for path, row in table.items()}
+
+
+def misleadingly_named_model():
+    tokens = keras.Input((12,), dtype="int32")
+    x = layers.Embedding(50, 16, name="tok")(tokens)
+    x = layers.GlobalAveragePooling1D()(x)
+    x = layers.Dense(32, activation="relu", name="embedding_mixer")(x)
+    x = layers.Dense(5, name="proj")(x)
+    probabilities = layers.Activation("softmax")(x)
+    return keras.Model(tokens, probabilities)
+
+
+MISLEADING_NAMES = {
+    "tok/embeddings": "adamw",
+    "embedding_mixer/kernel": "muon",
+    "embedding_mixer/bias": "adamw",
+    "proj/kernel": "adamw",
+    "proj/bias": "adamw",
+}
+
+
+def test_routes_by_layer_type_not_name_under_fit():
+    model = misleadingly_named_model()
+    optimizer = keras_muon.Muon()
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    tokens = np.random.default_rng(0).integers(0, 50, size=(8, 12))
+    model.fit(tokens, np.arange(8) % 5, epochs=1, verbose=0)
+    table = {row["path"]: row for row in optimizer.routing_table()}
+    assert routes(table) == MISLEADING_NAMES
+    assert table["tok/embeddings"]["reason"] == "embedding (Embedding)"
+    assert table["proj/kernel"]["reason"] == "output head (Dense 'proj')"
+    assert table["embedding_mixer/kernel"]["matrix_shape"] == (16, 32)
+    assert table["embedding_mixer/kernel"]["scale"] == pytest.approx(0.2 * np.sqrt(32))
+    assert table["proj/kernel"]["matrix_shape"] is None
+    assert table["proj/kernel"]["scale"] is None
+
+
+def test_routing_table_rows():
+    table = routing(misleadingly_named_model())
+    row = table["embedding_mixer/kernel"]
+    assert row == {
+        "path": "embedding_mixer/kernel",
+        "shape": (16, 32),
+        "route": "muon",
+        "reason": "Dense kernel",
+        "matrix_shape": (16, 32),
+        "num_blocks": 1,
+        "scale": pytest.approx(0.2 * np.sqrt(32)),
+    }
+
+
+def test_convolutional_model():
+    images = keras.Input((12, 12, 4))
+    x = layers.Conv2D(8, 3, groups=2, name="grouped")(images)
+    x = layers.SeparableConv2D(8, 3, name="separable")(x)
+    x = layers.DepthwiseConv2D(3, name="depthwise")(x)
+    x = layers.Conv2DTranspose(6, 3, name="transposed")(x)
+    x = layers.BatchNormalization(name="norm")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.1)(x)
+    logits = layers.Dense(3, activation="softmax", name="predictions")(x)
+    table = routing(keras.Model(images, logits), scale="jordan")
+    assert routes(table) == {
+        "grouped/kernel": "muon",
+        "grouped/bias": "adamw",
+        "separable/depthwise_kernel": "adamw",
+        "separable/pointwise_kernel": "muon",
+        "separable/bias": "adamw",
+        "depthwise/kernel": "adamw",
+        "depthwise/bias": "adamw",
+        "transposed/kernel": "muon",
+        "transposed/bias": "adamw",
+        "norm/gamma": "adamw",
+        "norm/beta": "adamw",
+        "predictions/kernel": "adamw",
+        "predictions/bias": "adamw",
+    }
+    grouped = table["grouped/kernel"]
+    assert (grouped["matrix_shape"], grouped["num_blocks"]) == ((18, 4), 2)
+    assert table["transposed/kernel"]["matrix_shape"] == (8, 54)
+    assert table["transposed/kernel"]["scale"] == pytest.approx(np.sqrt(54 / 8))
+    assert table["norm/gamma"]["reason"] == "normalization (BatchNormalization)"
+
+
+def test_recurrent_model():
+    sequence = keras.Input((7, 5))
+    x = layers.LSTM(6, return_sequences=True, name="lstm")(sequence)
+    x = layers.GRU(4, name="gru")(x)
+    outputs = layers.Dense(2, name="head")(x)
+    table = routing(keras.Model(sequence, outputs))
+    lstm = table["lstm/lstm_cell/kernel"]
+    assert (lstm["route"], lstm["matrix_shape"], lstm["num_blocks"]) == ("muon", (5, 6), 4)
+    recurrent = table["gru/gru_cell/recurrent_kernel"]
+    assert (recurrent["matrix_shape"], recurrent["num_blocks"]) == ((4, 4), 3)
+    # GRU's bias is 2-D (2, 3·units): still a bias.
+    assert table["gru/gru_cell/bias"]["shape"] == (2, 12)
+    assert table["gru/gru_cell/bias"]["route"] == "adamw"
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_attention_model(per_head):
+    tokens = keras.Input((6,), dtype="int32")
+    x = layers.Embedding(20, 16, name="embed")(tokens)
+    x = layers.MultiHeadAttention(4, 4, name="mha")(x, x)
+    x = layers.GroupQueryAttention(4, 4, 2, name="gqa")(x, x)
+    x = layers.LayerNormalization(name="ln")(x)
+    logits = layers.Dense(20, name="lm_head")(x)
+    table = routing(keras.Model(tokens, logits), per_head=per_head)
+    for path in ["mha/query/kernel", "mha/attention_output/kernel", "gqa/key/kernel"]:
+        assert table[path]["route"] == "muon"
+    for path in ["mha/query/bias", "gqa/query/bias", "ln/gamma", "lm_head/kernel"]:
+        assert table[path]["route"] == "adamw"
+    query, output = table["mha/query/kernel"], table["mha/attention_output/kernel"]
+    key = table["gqa/key/kernel"]
+    if per_head:
+        assert (query["matrix_shape"], query["num_blocks"]) == ((16, 4), 4)
+        assert (output["matrix_shape"], output["num_blocks"]) == ((4, 16), 4)
+        assert (key["matrix_shape"], key["num_blocks"]) == ((16, 4), 2)
+    else:
+        assert (query["matrix_shape"], query["num_blocks"]) == ((16, 16), 1)
+        assert (key["matrix_shape"], key["num_blocks"]) == ((16, 8), 1)
+
+
+def test_sequential_model_built_by_fit():
+    model = keras.Sequential([layers.Dense(8, name="hidden"), layers.Dense(2, name="out")])
+    optimizer = keras_muon.Muon()
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    table = {row["path"]: row["route"] for row in optimizer.routing_table()}
+    hidden, out = model.layers
+    assert table[hidden.kernel.path] == "muon"
+    assert table[out.kernel.path] == "adamw"
+
+
+def test_output_head_inside_a_nested_model():
+    head = keras.Sequential([layers.Dense(8, name="inner_hidden"), layers.Dense(3, name="inner_out")])
+    inputs = keras.Input((4,))
+    outputs = layers.Softmax()(head(layers.Dense(8, name="outer")(inputs)))
+    table = routing(keras.Model(inputs, outputs))
+    inner_hidden, inner_out = head.layers
+    assert table["outer/kernel"]["route"] == "muon"
+    assert table[inner_hidden.kernel.path]["route"] == "muon"
+    assert table[inner_out.kernel.path]["route"] == "adamw"
+
+
+def test_multiple_outputs_are_all_heads():
+    inputs = keras.Input((4,))
+    hidden = layers.Dense(8, name="hidden")(inputs)
+    first = layers.Dense(2, name="first")(hidden)
+    second = layers.Dense(3, name="second")(hidden)
+    both = layers.Concatenate()([first, second])
+    table = routing(keras.Model(inputs, both))
+    assert routes(table)["hidden/kernel"] == "muon"
+    assert routes(table)["first/kernel"] == routes(table)["second/kernel"] == "adamw"
+
+
+class SubclassedClassifier(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = layers.Dense(8)
+        self.classifier = layers.Dense(3)
+        self.norm = layers.LayerNormalization()
+
+    def call(self, x):
+        return self.classifier(self.norm(self.hidden(x)))
+
+
+def test_subclassed_model_guesses_its_last_projection_as_head():
+    model = SubclassedClassifier()
+    model(np.ones((1, 4)))
+    table = routing(model)
+    hidden = table[model.hidden.kernel.path]
+    head = table[model.classifier.kernel.path]
+    assert hidden["route"] == "muon"
+    assert head["route"] == "adamw"
+    assert "guessed" in head["reason"]
+
+
+def test_reversible_embedding_used_as_lm_head():
+    embedding = layers.ReversibleEmbedding(30, 8, tie_weights=True, name="tied")
+    tokens = keras.Input((5,), dtype="int32")
+    x = layers.Dense(8, name="mixer")(embedding(tokens))
+    model = keras.Model(tokens, embedding(x, reverse=True))
+    assert routes(routing(model)) == {
+        "tied/embeddings": "adamw",
+        "mixer/kernel": "muon",
+        "mixer/bias": "adamw",
+    }
+
+
+def test_exclude_layers():
+    table = routing(misleadingly_named_model(), exclude_layers=["mixer"])
+    assert table["embedding_mixer/kernel"]["route"] == "adamw"
+    assert table["embedding_mixer/kernel"]["reason"] == "exclude_layers 'mixer'"
+
+
+def trainable_variables_of_a_hidden_model():
+    # Returns the variables alone: no frame holds the model afterwards.
+    return misleadingly_named_model().trainable_variables
+
+
+def test_without_its_model_routes_by_variable_and_says_so():
+    optimizer = keras_muon.Muon()
+    optimizer.build(trainable_variables_of_a_hidden_model())
+    table = {row["path"]: row for row in optimizer.routing_table()}
+    # A 2-D kernel is read as Dense, including the output head.
+    assert table["proj/kernel"]["route"] == "muon"
+    assert table["proj/kernel"]["reason"] == "layer not found: 2-D kernel as Dense"
+    assert table["tok/embeddings"]["route"] == "adamw"
+    assert table["tok/embeddings"]["reason"] == "layer not found"
+
+
+def test_attach_names_the_model_in_custom_loops():
+    model = misleadingly_named_model()
+    optimizer = keras_muon.Muon()
+    optimizer.attach(model)
+    variables = model.trainable_variables
+    del model
+    grads = [ops.ones(v.shape) for v in variables]
+    optimizer.apply(grads, variables)
+    assert routes({row["path"]: row for row in optimizer.routing_table()}) == MISLEADING_NAMES
+
+
+def test_model_in_the_caller_is_found_in_custom_loops():
+    model = misleadingly_named_model()
+    optimizer = keras_muon.Muon()
+    optimizer.apply(
+        [ops.ones(v.shape) for v in model.trainable_variables], model.trainable_variables
+    )
+    assert routes({row["path"]: row for row in optimizer.routing_table()}) == MISLEADING_NAMES
+
+
+class Mixer(keras.layers.Layer):
+    """A layer of a type the optimizer does not know."""
+
+    def __init__(self, kernel_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel = self.add_weight(shape=kernel_shape, name="kernel")
+
+    def call(self, x):
+        return x
+
+
+class PatchEmbedding(Mixer):
+    pass
+
+
+def test_unknown_layer_types():
+    inputs = keras.Input((4,))
+    x = Mixer((4, 6), name="flat")(inputs)
+    x = Mixer((2, 2, 3), name="cube")(x)
+    x = PatchEmbedding((4, 6), name="patches")(x)
+    outputs = layers.Dense(2, name="head")(x)
+    table = routing(keras.Model(inputs, outputs))
+    assert table["flat/kernel"]["route"] == "muon"
+    assert table["flat/kernel"]["reason"] == "unknown layer type Mixer: 2-D kernel as Dense"
+    assert table["cube/kernel"]["route"] == "adamw"
+    assert table["cube/kernel"]["reason"] == "unknown layer type Mixer"
+    assert table["patches/kernel"]["route"] == "adamw"
+    assert table["patches/kernel"]["reason"] == "embedding (PatchEmbedding)"
+
+
+class Projection(keras.layers.Layer):
+    """Stores its matrix torch-style, (d_out, d_in)."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(6, input_shape[-1]), name="w")
+        self.b = self.add_weight(shape=(6,), name="b")
+
+    def call(self, x):
+        return x @ ops.transpose(self.w) + self.b
+
+
+def projection_rule(layer, variable, per_head):
+    if variable.name == "w":
+        view = keras_muon.MatrixView.from_axes(variable.shape, inputs=(1,), outputs=(0,))
+        return keras_muon.Route(view, "Projection weight")
+    return keras_muon.Route(None, "Projection bias")
+
+
+@pytest.fixture
+def isolated_rules(monkeypatch):
+    monkeypatch.setattr(matrix_views, "_RULES", dict(matrix_views._RULES))
+
+
+def test_registered_rule(isolated_rules):
+    keras_muon.register_layer_rule(Projection, projection_rule)
+    inputs = keras.Input((4,))
+    outputs = layers.Dense(2, name="head")(Projection(name="proj")(inputs))
+    table = routing(keras.Model(inputs, outputs), scale="jordan")
+    assert table["proj/w"]["route"] == "muon"
+    assert table["proj/w"]["matrix_shape"] == (4, 6)
+    assert table["proj/w"]["scale"] == pytest.approx(np.sqrt(6 / 4))
+    assert table["proj/b"]["reason"] == "Projection bias"
+
+
+def test_registered_rule_validates_its_arguments(isolated_rules):
+    with pytest.raises(ValueError, match="layer_type"):
+        keras_muon.register_layer_rule(object, projection_rule)
+    with pytest.raises(ValueError, match="rule"):
+        keras_muon.register_layer_rule(Projection, "not a function")
+
+
+class SharedTable(keras.layers.Layer):
+    """Holds another layer's variable directly (tied weights)."""
+
+    def __init__(self, table, **kwargs):
+        super().__init__(**kwargs)
+        self.table = table
+
+    def call(self, x):
+        return x @ self.table
+
+
+def test_tied_variable_goes_to_adamw_if_any_owner_says_so(isolated_rules):
+    keras_muon.register_layer_rule(
+        SharedTable,
+        lambda layer, variable, per_head: keras_muon.Route(
+            keras_muon.MatrixView.from_axes(variable.shape, (0,), (1,)), "shared"
+        ),
+    )
+    tokens = keras.Input((3,), dtype="int32")
+    embedding = layers.Embedding(8, 8, name="embed")
+    embedding.build()
+    x = SharedTable(embedding.embeddings, name="shared")(embedding(tokens))
+    outputs = layers.Dense(2, name="head")(x)
+    table = routing(keras.Model(tokens, outputs))
+    assert table["embed/embeddings"]["route"] == "adamw"
+    shared = x._keras_history.operation
+    for owners in ([embedding, shared], [shared, embedding]):
+        route = routing_module._route_shared(embedding.embeddings, owners, False)
+        assert route.reason == "embedding (Embedding)"
+
+
+def test_routing_table_needs_a_built_optimizer():
+    with pytest.raises(ValueError, match="not built"):
+        keras_muon.Muon().routing_table()
+
+
+def test_attach_errors():
+    optimizer = keras_muon.Muon()
+    with pytest.raises(ValueError, match="keras.Model"):
+        optimizer.attach("model")
+    model = misleadingly_named_model()
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="before the optimizer is built"):
+        optimizer.attach(model)
+
+
+def test_summary_prints_every_variable():
+    model = misleadingly_named_model()
+    optimizer = keras_muon.Muon()
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+    printed = []
+    optimizer.summary(print_fn=printed.append)
+    text = printed[0]
+    for path in MISLEADING_NAMES:
+        assert path in text
+    assert "16×32" in text
+    assert "muon: 1 variables, 512 parameters" in text
+
+
+def test_keras_hub_gpt2():
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=8,
+    )
+    table = routing(keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None))
+    block = "transformer_layer_0"
+    # The tied token embedding is also the LM head.
+    assert table["token_embedding/embeddings"]["route"] == "adamw"
+    assert table["position_embedding/embeddings"]["reason"] == "embedding (PositionEmbedding)"
+    for name in ["query", "key", "value", "attention_output"]:
+        row = table[f"{block}/self_attention/{name}/kernel"]
+        assert (row["route"], row["matrix_shape"]) == ("muon", (16, 16))
+        assert table[f"{block}/self_attention/{name}/bias"]["route"] == "adamw"
+    assert table[f"{block}/feedforward_intermediate_dense/kernel"]["matrix_shape"] == (16, 32)
+    muon = [path for path, row in table.items() if row["route"] == "muon"]
+    assert len(muon) == 6
