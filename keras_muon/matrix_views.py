@@ -165,11 +165,27 @@ def route_by_layer(layer, variable, per_head):
         return Route(None, f"embedding ({type(layer).__name__})")
     for cls in type(layer).__mro__:
         if cls in _RULES:
-            return _RULES[cls](layer, variable, per_head)
+            return _checked(_RULES[cls](layer, variable, per_head), cls, variable)
     name = type(layer).__name__
     if _is_kernel(variable) and len(variable.shape) == 2:
         return _dense_route(variable, f"unknown layer type {name}: 2-D kernel as Dense")
     return Route(None, f"unknown layer type {name}")
+
+
+def _checked(route, layer_type, variable):
+    """`route`, if the rule registered for `layer_type` returned a valid one."""
+    if not isinstance(route, Route):
+        raise ValueError(
+            f"The routing rule of {layer_type.__name__} must return a Route. "
+            f"Received {route!r} for variable {variable.path}"
+        )
+    if route.view is not None and route.view.shape != tuple(variable.shape):
+        raise ValueError(
+            f"The routing rule of {layer_type.__name__} returned a view of "
+            f"shape {route.view.shape} for variable {variable.path} of shape "
+            f"{tuple(variable.shape)}"
+        )
+    return route
 
 
 def route_without_layer(variable):

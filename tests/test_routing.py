@@ -142,11 +142,16 @@ def test_attention_model(per_head):
         assert (key["matrix_shape"], key["num_blocks"]) == ((16, 8), 1)
 
 
-def test_sequential_model_built_by_fit():
+@pytest.mark.parametrize("train", ["fit", "train_on_batch"])
+def test_sequential_model_built_by_training(train):
     model = keras.Sequential([layers.Dense(8, name="hidden"), layers.Dense(2, name="out")])
     optimizer = keras_muon.Muon()
     model.compile(optimizer=optimizer, loss="mse")
-    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    x, y = np.ones((4, 3)), np.ones((4, 2))
+    if train == "fit":
+        model.fit(x, y, verbose=0)
+    else:
+        model.train_on_batch(x, y)
     table = {row["path"]: row["route"] for row in optimizer.routing_table()}
     hidden, out = model.layers
     assert table[hidden.kernel.path] == "muon"
@@ -320,6 +325,26 @@ def test_registered_rule_validates_its_arguments(isolated_rules):
         keras_muon.register_layer_rule(object, projection_rule)
     with pytest.raises(ValueError, match="rule"):
         keras_muon.register_layer_rule(Projection, "not a function")
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (lambda layer, variable, per_head: "muon", "must return a Route"),
+        (
+            lambda layer, variable, per_head: keras_muon.Route(
+                keras_muon.MatrixView.from_axes((3, 5), (0,), (1,)), "wrong shape"
+            ),
+            "returned a view of shape",
+        ),
+    ],
+)
+def test_bad_rule_results_are_errors(isolated_rules, rule, message):
+    keras_muon.register_layer_rule(Projection, rule)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, layers.Dense(2)(Projection(name="proj")(inputs)))
+    with pytest.raises(ValueError, match=message):
+        routing(model)
 
 
 class SharedTable(keras.layers.Layer):
