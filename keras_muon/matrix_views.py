@@ -18,6 +18,7 @@ import re
 
 import keras
 from keras import ops
+from keras.src.layers.rnn.conv_lstm import ConvLSTMCell  # not exported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +161,18 @@ def register_layer_rule(layer_type, rule):
 
 
 def route_by_layer(layer, variable, per_head):
-    """The route of `variable`, created by `layer`, from the layer's type."""
-    if _is_embedding(type(layer)):
-        return Route(None, f"embedding ({type(layer).__name__})")
+    """The route of `variable`, created by `layer`, from the layer's type.
+
+    The most specific class of `layer` with a registered rule decides. A
+    class named `...Embedding` without one is an embedding: embedding layers
+    of other libraries (keras-hub's `PositionEmbedding`, ...) need not
+    subclass Keras's, but are named for what they are.
+    """
     for cls in type(layer).__mro__:
         if cls in _RULES:
             return _checked(_RULES[cls](layer, variable, per_head), cls, variable)
+        if cls.__name__.endswith("Embedding"):
+            return Route(None, f"embedding ({type(layer).__name__})")
     name = type(layer).__name__
     if _is_kernel(variable) and len(variable.shape) == 2:
         return _dense_route(variable, f"unknown layer type {name}: 2-D kernel as Dense")
@@ -193,12 +200,6 @@ def route_without_layer(variable):
     if _is_kernel(variable) and len(variable.shape) == 2:
         return _dense_route(variable, "layer not found: 2-D kernel as Dense")
     return Route(None, "layer not found")
-
-
-def _is_embedding(layer_type):
-    # Embedding layers of other libraries (keras-hub's PositionEmbedding, ...)
-    # need not subclass Keras's, but are named for what they are.
-    return any(cls.__name__.endswith("Embedding") for cls in layer_type.__mro__)
 
 
 def _is_kernel(variable):
@@ -304,17 +305,19 @@ def _depthwise_conv_rule(layer, variable, per_head):
 
 def _recurrent_rule(gates):
     def rule(layer, variable, per_head):
-        # kernel (d_in, gates·units) and recurrent_kernel (units, gates·units)
-        # concatenate one matrix per gate on the last axis.
+        # kernel (k..., d_in, gates·units) and recurrent_kernel
+        # (k..., units, gates·units) concatenate one matrix per gate on the
+        # last axis; k... are the kernel axes of a ConvLSTM.
         if variable.name not in ("kernel", "recurrent_kernel"):
             return _not_a_matrix(layer, variable)
-        rows, columns = variable.shape
+        *spatial, rows, columns = variable.shape
+        rank = len(spatial)
         view = MatrixView.from_axes(
             variable.shape,
-            inputs=(0,),
-            outputs=(2,),
-            blocks=(1,),
-            split_shape=(rows, gates, columns // gates),
+            inputs=range(rank + 1),
+            outputs=(rank + 2,),
+            blocks=(rank + 1,),
+            split_shape=(*spatial, rows, gates, columns // gates),
         )
         return Route(view, f"{type(layer).__name__} {variable.name}")
 
@@ -331,6 +334,7 @@ def _adamw_rule(kind):
 _NORMALIZATION = _adamw_rule("normalization")
 _RULES.update(
     {
+        keras.layers.Embedding: _adamw_rule("embedding"),
         keras.layers.Dense: _dense_rule,
         keras.layers.EinsumDense: _einsum_dense_rule,
         keras.layers.Conv1D: _conv_rule,
@@ -346,6 +350,7 @@ _RULES.update(
         keras.layers.LSTMCell: _recurrent_rule(gates=4),
         keras.layers.GRUCell: _recurrent_rule(gates=3),
         keras.layers.SimpleRNNCell: _recurrent_rule(gates=1),
+        ConvLSTMCell: _recurrent_rule(gates=4),
         keras.layers.BatchNormalization: _NORMALIZATION,
         keras.layers.LayerNormalization: _NORMALIZATION,
         keras.layers.GroupNormalization: _NORMALIZATION,

@@ -6,6 +6,7 @@ matrix products; a schedule is the list of `(a, b, c)` used step by step.
 """
 
 import math
+import operator
 
 from keras import ops
 
@@ -78,9 +79,16 @@ def coefficient_schedule(coefficients="polar_express", steps=5):
 
     Raises:
         ValueError: for an unknown name, a malformed triple, non-finite
-            coefficients, or more triples than `steps`.
+            coefficients, more triples than `steps`, or a schedule that
+            diverges (sends a singular value in [0, 1] above 2).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    try:
+        if isinstance(steps, bool):
+            raise TypeError
+        steps = operator.index(steps)
+    except TypeError:
+        steps = None
+    if steps is None or steps < 1:
         raise ValueError(
             f"`ns_steps` must be an integer >= 1. Received: ns_steps={steps!r}"
         )
@@ -102,7 +110,23 @@ def coefficient_schedule(coefficients="polar_express", steps=5):
             f"`ns_steps` is {steps}; the extra triples would never be used. "
             f"Received: ns_coefficients={coefficients!r}"
         )
-    return tuple(_extend(triples, steps))
+    schedule = tuple(_extend(triples, steps))
+    _check_bounded(schedule)
+    return schedule
+
+
+def _check_bounded(schedule):
+    """Raises if the iteration sends a singular value in [0, 1] above 2."""
+    sigma = [i / 1000 for i in range(1001)]
+    for step, (a, b, c) in enumerate(schedule, start=1):
+        sigma = [a * s + b * s**3 + c * s**5 for s in sigma]
+        largest = max(abs(s) for s in sigma)
+        if largest > 2:
+            raise ValueError(
+                f"`ns_coefficients` diverge: after step {step}, a singular "
+                f"value in [0, 1] becomes {largest:.3g}; Newton–Schulz "
+                "needs them to approach 1."
+            )
 
 
 def _as_triples(coefficients):

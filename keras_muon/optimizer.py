@@ -1,4 +1,5 @@
 import math
+import numbers
 import weakref
 
 import keras
@@ -11,6 +12,8 @@ from keras_muon.scaling import SCALES
 from keras_muon.scaling import update_scale
 
 _NS_DTYPES = ("float32", "bfloat16", "float16")
+# Saved beside the optimizer's variables: 1 per Muon variable, 0 per AdamW one.
+_ROUTES_KEY = "routes"
 
 
 @keras.saving.register_keras_serializable(package="keras_muon")
@@ -124,51 +127,47 @@ class Muon(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        _check_number("learning_rate", learning_rate, minimum=0.0, optional=True)
+        if isinstance(learning_rate, numbers.Real):
+            learning_rate = _number("learning_rate", learning_rate, minimum=0.0)
+        weight_decay = _number("weight_decay", weight_decay, minimum=0.0, optional=True)
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
             name=name,
             **kwargs,
         )
-        _check_number("momentum", momentum, minimum=0.0, below=1.0)
-        _check_number("weight_decay", weight_decay, minimum=0.0, optional=True)
-        _check_number("rms_rate", rms_rate, above=0.0, optional=True)
-        _check_number("adam_beta_1", adam_beta_1, minimum=0.0, below=1.0)
-        _check_number("adam_beta_2", adam_beta_2, minimum=0.0, below=1.0)
-        _check_number("epsilon", epsilon, minimum=0.0)
-        _check_number("adam_weight_decay", adam_weight_decay, minimum=0.0, optional=True)
-        _check_number("adam_lr_ratio", adam_lr_ratio, minimum=0.0)
-        for arg, value in (("nesterov", nesterov), ("per_head", per_head)):
-            if not isinstance(value, bool):
-                raise ValueError(
-                    f"`{arg}` must be True or False. Received: {arg}={value!r}"
-                )
+        self.momentum = _number("momentum", momentum, minimum=0.0, below=1.0)
+        self.nesterov = _boolean("nesterov", nesterov)
         if scale not in SCALES:
             raise ValueError(
                 f"`scale` must be one of {SCALES}. Received: scale={scale!r}"
             )
+        self.scale = scale
+        self.rms_rate = _number("rms_rate", rms_rate, above=0.0, optional=True)
+        if scale != "moonlight" and rms_rate != 0.2:
+            raise ValueError(
+                f"`rms_rate` is used only by scale='moonlight'. Received: "
+                f"rms_rate={rms_rate!r} with scale={scale!r}"
+            )
+        self._ns_schedule = coefficient_schedule(ns_coefficients, ns_steps)
+        self.ns_steps = len(self._ns_schedule)
+        self.ns_coefficients = ns_coefficients
         if ns_dtype is not None and ns_dtype not in _NS_DTYPES:
             raise ValueError(
                 f"`ns_dtype` must be None or one of {_NS_DTYPES}. "
                 f"Received: ns_dtype={ns_dtype!r}"
             )
-        self.momentum = momentum
-        self.nesterov = nesterov
-        self.scale = scale
-        self.rms_rate = rms_rate
-        self.ns_steps = ns_steps
-        self.ns_coefficients = ns_coefficients
         self.ns_dtype = ns_dtype
-        self.per_head = per_head
-        self.exclude_layers = exclude_layers
-        self.adam_beta_1 = adam_beta_1
-        self.adam_beta_2 = adam_beta_2
-        self.epsilon = epsilon
-        self.adam_weight_decay = adam_weight_decay
-        self.adam_lr_ratio = adam_lr_ratio
-        self._ns_schedule = coefficient_schedule(ns_coefficients, ns_steps)
+        self.per_head = _boolean("per_head", per_head)
         self._exclude_patterns = routing.compile_patterns(exclude_layers)
+        self.exclude_layers = exclude_layers
+        self.adam_beta_1 = _number("adam_beta_1", adam_beta_1, minimum=0.0, below=1.0)
+        self.adam_beta_2 = _number("adam_beta_2", adam_beta_2, minimum=0.0, below=1.0)
+        self.epsilon = _number("epsilon", epsilon, above=0.0)
+        self.adam_weight_decay = _number(
+            "adam_weight_decay", adam_weight_decay, minimum=0.0, optional=True
+        )
+        self.adam_lr_ratio = _number("adam_lr_ratio", adam_lr_ratio, minimum=0.0)
         self._attached_model = None
 
     def attach(self, model):
@@ -210,10 +209,10 @@ class Muon(keras.optimizers.Optimizer):
                 route = routing.Route(None, "overwritten with its gradient")
                 momentum = velocity = None
             else:
-                momentum = self.add_variable_from_reference(variable, "momentum")
+                momentum = self._add_state(variable, "momentum")
                 velocity = None
                 if route.view is None:
-                    velocity = self.add_variable_from_reference(variable, "velocity")
+                    velocity = self._add_state(variable, "velocity")
             self._routes.append(route)
             self._momentums.append(momentum)
             self._velocities.append(velocity)
@@ -225,16 +224,43 @@ class Muon(keras.optimizers.Optimizer):
                 )
             )
 
+    def _add_state(self, variable, name):
+        if variable.dtype not in ("float16", "bfloat16"):
+            return self.add_variable_from_reference(variable, name)
+        # 16-bit moments lose the update: float16 squares of small gradients
+        # underflow, bfloat16 rounds adam_beta_2=0.999 to 1. Keep float32.
+        return self.add_variable(
+            shape=variable.shape,
+            dtype="float32",
+            name=f"{variable.path.replace('/', '_')}_{name}",
+            layout=getattr(variable, "_layout", None),
+        )
+
+    def apply(self, grads, trainable_variables=None):
+        # Sum sparse gradients per row first, so that clipping, accumulation
+        # and the moments see the same gradient on every backend.
+        grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        variables = trainable_variables or self._trainable_variables
+        if len(grads) == len(variables):
+            grads = [_dense(g, v.shape) for g, v in zip(grads, variables)]
+        return super().apply(grads, trainable_variables)
+
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
-        gradient = ops.cast(_dense(gradient, variable.shape), variable.dtype)
-        lr = ops.cast(learning_rate, variable.dtype)
+        # The state's dtype: the variable's, or float32 for 16-bit variables.
+        dtype = self._momentums[index].dtype
+        gradient = ops.cast(gradient, dtype)
+        lr = ops.cast(learning_rate, dtype)
+        weights = ops.cast(variable, dtype)
         if self._routes[index].view is None:
-            self._adamw_update_step(index, gradient, variable, lr * self.adam_lr_ratio)
+            update = self._adamw_update(index, gradient, weights, lr * self.adam_lr_ratio)
         else:
-            self._muon_update_step(index, gradient, variable, lr)
+            update = self._muon_update(index, gradient, weights, lr)
+        self.assign_sub(variable, ops.cast(update, variable.dtype))
 
-    def _muon_update_step(self, index, gradient, variable, lr):
+    def _muon_update(self, index, gradient, weights, lr):
         momentum = self._momentums[index]
         beta = self.momentum
         new_momentum = ops.add(ops.multiply(momentum, beta), gradient)
@@ -253,18 +279,17 @@ class Muon(keras.optimizers.Optimizer):
             )
         )
         update = ops.multiply(orthogonal, self._scales[index])
-        decay = self._decay_rate(variable, self.weight_decay)
+        decay = self._decay_rate(index, self.weight_decay)
         if decay:
-            update = ops.add(update, ops.multiply(variable, decay))
-        self.assign_sub(variable, ops.multiply(update, lr))
+            update = ops.add(update, ops.multiply(weights, decay))
+        return ops.multiply(update, lr)
 
-    def _adamw_update_step(self, index, gradient, variable, lr):
+    def _adamw_update(self, index, gradient, weights, lr):
         m = self._momentums[index]
         v = self._velocities[index]
-        dtype = variable.dtype
-        step = ops.cast(self.iterations + 1, dtype)
-        beta_1 = ops.cast(self.adam_beta_1, dtype)
-        beta_2 = ops.cast(self.adam_beta_2, dtype)
+        step = ops.cast(self.iterations + 1, m.dtype)
+        beta_1 = ops.cast(self.adam_beta_1, m.dtype)
+        beta_2 = ops.cast(self.adam_beta_2, m.dtype)
         alpha = lr * ops.sqrt(1 - ops.power(beta_2, step)) / (1 - ops.power(beta_1, step))
         new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.adam_beta_1))
         new_v = ops.add(
@@ -273,19 +298,48 @@ class Muon(keras.optimizers.Optimizer):
         self.assign(m, new_m)
         self.assign(v, new_v)
         update = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), self.epsilon))
-        decay = self._decay_rate(variable, self.adam_weight_decay)
+        decay = self._decay_rate(index, self.adam_weight_decay)
         if decay:
-            update = ops.add(update, ops.multiply(variable, lr * decay))
-        self.assign_sub(variable, update)
+            update = ops.add(update, ops.multiply(weights, lr * decay))
+        return update
 
-    def _decay_rate(self, variable, rate):
-        if not rate or not self._use_weight_decay(variable):
+    def _decay_rate(self, index, rate):
+        if not rate or not self._use_weight_decay(self._trainable_variables[index]):
             return 0.0
         return rate
 
     def _apply_weight_decay(self, variables):
         # Weight decay is applied in `update_step`, with each route's rate.
         pass
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.built:
+            store[_ROUTES_KEY] = ops.convert_to_tensor(self._route_flags(), "int8")
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if self.built and _ROUTES_KEY in keys:
+            saved = [int(flag) for flag in store[_ROUTES_KEY]]
+            if saved != self._route_flags():
+                # The state layout follows the routes (AdamW variables have
+                # a velocity): loading across routes would mix moments up.
+                differing = [
+                    v.path
+                    for v, a, b in zip(self._trainable_variables, saved, self._route_flags())
+                    if a != b
+                ]
+                raise ValueError(
+                    "Cannot load this optimizer state: it was saved with "
+                    f"other routes for {len(differing) or 'some'} variables "
+                    f"{differing[:5]}. Build the optimizer with the routing "
+                    "it was saved with (the same model, `attach(model)`, "
+                    "`exclude_layers`)."
+                )
+        super().load_own_variables({key: store[key] for key in keys if key != _ROUTES_KEY})
+
+    def _route_flags(self):
+        return [int(route.view is not None) for route in self._routes]
 
     def routing_table(self):
         """How each trainable variable is optimized, one dict per variable.
@@ -397,10 +451,10 @@ def _dense(gradient, shape):
     return gradient
 
 
-def _check_number(arg, value, minimum=None, below=None, above=None, optional=False):
-    """Raises a ValueError naming `arg` unless `value` is in the bounds."""
-    if (value is None and optional) or (arg == "learning_rate" and callable(value)):
-        return
+def _number(arg, value, minimum=None, below=None, above=None, optional=False):
+    """`value` as a Python float, or a ValueError naming `arg` and the bounds."""
+    if value is None and optional:
+        return None
     bounds = []
     if minimum is not None:
         bounds.append(f">= {minimum}")
@@ -408,9 +462,9 @@ def _check_number(arg, value, minimum=None, below=None, above=None, optional=Fal
         bounds.append(f"> {above}")
     if below is not None:
         bounds.append(f"< {below}")
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (
-        is_number
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
         and math.isfinite(value)
         and (minimum is None or value >= minimum)
         and (above is None or value > above)
@@ -420,3 +474,10 @@ def _check_number(arg, value, minimum=None, below=None, above=None, optional=Fal
         if optional:
             allowed += ", or None"
         raise ValueError(f"`{arg}` must be {allowed}. Received: {arg}={value!r}")
+    return float(value)
+
+
+def _boolean(arg, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"`{arg}` must be True or False. Received: {arg}={value!r}")
+    return value

@@ -33,7 +33,7 @@ def find_model(optimizer, variables):
     frame = sys._getframe(1)
     while frame is not None:
         for value in list(frame.f_locals.values()):
-            if not isinstance(value, keras.Layer) or id(value) in seen:
+            if not _is_layer(value) or id(value) in seen:
                 continue
             seen.add(id(value))
             compiled = getattr(value, "optimizer", None)
@@ -53,6 +53,13 @@ def find_model(optimizer, variables):
             -len(layer._flatten_layers(include_self=True)),
         ),
     )
+
+
+def _is_layer(value):
+    try:
+        return isinstance(value, keras.Layer)
+    except Exception:  # a proxy object whose __class__ lookup fails
+        return False
 
 
 def _trainable_variables(layer):
@@ -76,7 +83,8 @@ def route_variables(variables, model, per_head=False, exclude_layers=()):
         A list of `Route`, aligned with `variables`.
     """
     owners = _owners(model) if model is not None else {}
-    heads = _output_heads(model) if model is not None else {}
+    trained = {id(v) for v in variables}
+    heads = _output_heads(model, trained) if model is not None else {}
     routes = []
     for variable in variables:
         excluded = [p.pattern for p in exclude_layers if p.search(variable.path)]
@@ -108,22 +116,28 @@ def _owners(model):
     return owners
 
 
-def _output_heads(model):
-    """Maps `id(variable)` to a reason, for the variables of output heads."""
-    heads = {}
+def _output_heads(model, trained):
+    """Maps `id(variable)` to a reason, for the variables of output heads.
+
+    `trained` holds the ids of the variables being trained: a guess looks
+    only at layers that own some.
+    """
     outputs = _symbolic_outputs(model)
     if outputs is None:
-        head = _last_projection(model)
-        if head is not None:
+        found = _guessed_heads(model, trained)
+    else:
+        found = _layers_producing(outputs, trained)
+    heads = {}
+    for layer, container in found:
+        described = f"{type(layer).__name__} '{layer.name}'"
+        if container is None:
+            reason = f"output head ({described})"
+        else:
             reason = (
-                f"output head (guessed: last projection layer "
-                f"'{head.name}' of a subclassed model)"
+                f"output head (guessed: {described}, the last projection "
+                f"of {type(container).__name__} '{container.name}')"
             )
-            heads.update((id(v), reason) for v in head.trainable_variables)
-        return heads
-    for head in _layers_producing(outputs):
-        reason = f"output head ({type(head).__name__} '{head.name}')"
-        heads.update((id(v), reason) for v in head.trainable_variables)
+        heads.update((id(v), reason) for v in layer.trainable_variables)
     return heads
 
 
@@ -136,43 +150,95 @@ def _symbolic_outputs(model):
     return outputs or None
 
 
-def _layers_producing(outputs):
-    """The weighted layers whose outputs are `outputs`.
+def _layers_producing(outputs, trained):
+    """`(layer, container)` for each layer whose outputs are `outputs`.
 
-    Walks back through layers and ops without trainable weights (Activation,
-    Softmax, Dropout, Reshape, pooling, ...), and into nested models.
+    Walks back through operations that do not mix features (no weights, or
+    0-D/1-D weights only: activations, dropout, reshapes, pooling,
+    normalization) and into nested models, following only the output they
+    return. Through a merge (`Add`, `Concatenate`, ...) it follows every
+    input but skip connections: an input that also feeds another input of
+    the merge. `container` is None when the layer is known to be the head,
+    or the layer whose last projection was guessed.
     """
-    heads = []
+    found = []
     visited = set()
     pending = list(tree.flatten(outputs))
     while pending:
         history = getattr(pending.pop(), "_keras_history", None)
-        if history is None or id(history.operation) in visited:
+        if history is None:
             continue
-        operation = history.operation
-        visited.add(id(operation))
-        if not getattr(operation, "trainable_weights", None):
-            node = operation._inbound_nodes[history.node_index]
-            pending.extend(tree.flatten(node.input_tensors))
+        operation, node_index, tensor_index = history
+        if (id(operation), node_index, tensor_index) in visited:
             continue
+        visited.add((id(operation), node_index, tensor_index))
         nested_outputs = _symbolic_outputs(operation)
         if nested_outputs is not None:
-            pending.extend(tree.flatten(nested_outputs))
+            pending.append(tree.flatten(nested_outputs)[tensor_index])
+        elif _mixes_features(operation):
+            guessed = _guessed_heads(operation, trained) if operation._layers else []
+            found.extend(guessed or [(operation, None)])
         else:
-            heads.append(operation)
-    return heads
+            node = operation._inbound_nodes[node_index]
+            pending.extend(_without_skip_connections(tree.flatten(node.input_tensors)))
+    return found
 
 
-def _last_projection(model):
-    """The last layer, in attribute order, with a variable routed to Muon."""
-    last = None
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+def _mixes_features(operation):
+    return any(len(w.shape) > 1 for w in getattr(operation, "weights", ()))
+
+
+def _without_skip_connections(tensors):
+    """`tensors` less those that are also upstream of another of them."""
+    if len(tensors) < 2:
+        return tensors
+    upstream = [_upstream(t) for t in tensors]
+    return [
+        t
+        for i, t in enumerate(tensors)
+        if not any(id(t) in up for j, up in enumerate(upstream) if j != i)
+    ]
+
+
+def _upstream(tensor):
+    """The ids of every symbolic tensor that `tensor` is computed from."""
+    seen = set()
+    pending = [tensor]
+    while pending:
+        history = getattr(pending.pop(), "_keras_history", None)
+        if history is None:
+            continue
+        node = history.operation._inbound_nodes[history.node_index]
+        for parent in tree.flatten(node.input_tensors):
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                pending.append(parent)
+    return seen
+
+
+def _guessed_heads(container, trained):
+    """Best guess at the output head of a layer that has no graph.
+
+    Goes through the sub-layers in attribute order from the last, skipping
+    those that own no trained variable, and takes the first that has a Muon
+    matrix, descending into containers; a functional sub-model answers from
+    its own outputs.
+    """
+    for child in reversed(container._layers):
+        if not trained & {id(v) for v in child.trainable_variables}:
+            continue
+        outputs = _symbolic_outputs(child)
+        if outputs is not None:
+            return _layers_producing(outputs, trained)
         if any(
-            route_by_layer(layer, v, per_head=False).view is not None
-            for v in layer._trainable_variables
+            id(v) in trained and route_by_layer(child, v, per_head=False).view is not None
+            for v in child._trainable_variables
         ):
-            last = layer
-    return last
+            return [(child, container)]
+        found = _guessed_heads(child, trained)
+        if found:
+            return found
+    return []
 
 
 def compile_patterns(exclude_layers):

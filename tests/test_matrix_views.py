@@ -143,6 +143,18 @@ def test_recurrent_kernels_are_one_block_per_gate(layer, gates):
     assert route_by_layer(cell, cell.bias, False).view is None
 
 
+def test_conv_lstm_kernels_are_one_conv_matrix_per_gate():
+    layer = layers.ConvLSTM2D(5, 3)
+    layer.build((None, 2, 8, 8, 3))
+    kernel = randomize(layer.cell.kernel)  # (3, 3, 3, 20)
+    _, blocks = blocks_of(layer.cell, "kernel")
+    assert blocks.shape == (4, 27, 5)
+    for g in range(4):
+        np.testing.assert_array_equal(blocks[g], kernel[..., g * 5 : (g + 1) * 5].reshape(27, 5))
+    view, _ = blocks_of(layer.cell, "recurrent_kernel")
+    assert (view.num_blocks, view.d_in, view.d_out) == (4, 45, 5)
+
+
 def test_size_one_axes_do_not_transpose():
     view = MatrixView.from_axes((3, 3, 4, 8), inputs=(0, 1, 2), outputs=(3,))
     assert view.perm == (0, 1, 2, 3)

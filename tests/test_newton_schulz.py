@@ -176,22 +176,29 @@ def test_low_precision_input_keeps_its_dtype(dtype):
     )
 
 
-def test_polar_express_schedule_applies_the_safety_factor():
-    schedule = coefficient_schedule("polar_express", 10)
-    a, b, c = POLAR_EXPRESS[1]
-    np.testing.assert_allclose(schedule[1], (a / 1.01, b / 1.01**3, c / 1.01**5))
-    # The first step also absorbs the 1.01 of the normalisation.
-    a, b, c = POLAR_EXPRESS[0]
-    np.testing.assert_allclose(schedule[0], (a / 1.01**2, b / 1.01**6, c / 1.01**10))
-    assert schedule[7:] == ((1.875, -1.25, 0.375),) * 3
+def test_polar_express_follows_the_papers_algorithm():
+    # Amsel et al.: normalise by 1.01·‖X‖_F, evaluate every polynomial but
+    # the final fixed point at x/1.01, and repeat the fixed point.
+    def paper(x, steps):
+        x = x.astype(np.float64) / (1.01 * np.linalg.norm(x))
+        table = list(POLAR_EXPRESS[:-1])[:steps]
+        table += [POLAR_EXPRESS[-1]] * (steps - len(table))
+        for i, (a, b, c) in enumerate(table):
+            y = x / 1.01 if i < len(POLAR_EXPRESS) - 1 else x
+            x = a * y + b * y @ y.T @ y + c * y @ y.T @ y @ y.T @ y
+        return x
+
+    x = np.random.default_rng(9).normal(size=(12, 20)).astype("float32")
+    for steps in (1, 5, 8, 10):
+        np.testing.assert_allclose(run_msign(x, steps=steps), paper(x, steps), atol=2e-5)
 
 
 def test_custom_schedule_repeats_its_last_triple():
-    assert coefficient_schedule([(3, -4, 2), (2, -1, 0.5)], 4) == (
-        (3.0, -4.0, 2.0),
-        (2.0, -1.0, 0.5),
-        (2.0, -1.0, 0.5),
-        (2.0, -1.0, 0.5),
+    assert coefficient_schedule([(3, -3.2, 1.2), (1.875, -1.25, 0.375)], 4) == (
+        (3.0, -3.2, 1.2),
+        (1.875, -1.25, 0.375),
+        (1.875, -1.25, 0.375),
+        (1.875, -1.25, 0.375),
     )
     assert coefficient_schedule((3.4445, -4.775, 2.0315), 2) == coefficient_schedule(
         "jordan", 2
@@ -204,12 +211,14 @@ def test_custom_schedule_repeats_its_last_triple():
         ({"steps": 0}, "ns_steps"),
         ({"steps": 2.5}, "ns_steps"),
         ({"steps": True}, "ns_steps"),
+        ({"steps": "5"}, "ns_steps"),
         ({"coefficients": "newton"}, "ns_coefficients"),
         ({"coefficients": []}, "ns_coefficients"),
         ({"coefficients": [(1.0, 2.0)]}, "ns_coefficients"),
         ({"coefficients": [(1.0, 2.0, float("nan"))]}, "ns_coefficients"),
         ({"coefficients": [(1.0, 2.0, "c")]}, "ns_coefficients"),
-        ({"coefficients": [(3, -4, 2)] * 6}, "never be used"),
+        ({"coefficients": [(3, -3.2, 1.2)] * 6}, "never be used"),
+        ({"coefficients": [(1.0, 2.0, 3.0)]}, "diverge"),
     ],
 )
 def test_invalid_arguments_name_the_problem(kwargs, message):

@@ -6,10 +6,10 @@ from keras import ops
 
 import keras_muon
 from keras_muon import matrix_views
-from keras_muon import routing as routing_module
+from keras_muon import routing
 
 
-def routing(model, **kwargs):
+def table_for(model, **kwargs):
     """{path: row} of the routing table, built the way `fit` builds it."""
     optimizer = keras_muon.Muon(**kwargs)
     model.compile(optimizer=optimizer, loss="mse")
@@ -57,7 +57,7 @@ def test_routes_by_layer_type_not_name_under_fit():
 
 
 def test_routing_table_rows():
-    table = routing(misleadingly_named_model())
+    table = table_for(misleadingly_named_model())
     row = table["embedding_mixer/kernel"]
     assert row == {
         "path": "embedding_mixer/kernel",
@@ -80,7 +80,7 @@ def test_convolutional_model():
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.1)(x)
     logits = layers.Dense(3, activation="softmax", name="predictions")(x)
-    table = routing(keras.Model(images, logits), scale="jordan")
+    table = table_for(keras.Model(images, logits), scale="jordan")
     assert routes(table) == {
         "grouped/kernel": "muon",
         "grouped/bias": "adamw",
@@ -108,7 +108,7 @@ def test_recurrent_model():
     x = layers.LSTM(6, return_sequences=True, name="lstm")(sequence)
     x = layers.GRU(4, name="gru")(x)
     outputs = layers.Dense(2, name="head")(x)
-    table = routing(keras.Model(sequence, outputs))
+    table = table_for(keras.Model(sequence, outputs))
     lstm = table["lstm/lstm_cell/kernel"]
     assert (lstm["route"], lstm["matrix_shape"], lstm["num_blocks"]) == ("muon", (5, 6), 4)
     recurrent = table["gru/gru_cell/recurrent_kernel"]
@@ -126,7 +126,7 @@ def test_attention_model(per_head):
     x = layers.GroupQueryAttention(4, 4, 2, name="gqa")(x, x)
     x = layers.LayerNormalization(name="ln")(x)
     logits = layers.Dense(20, name="lm_head")(x)
-    table = routing(keras.Model(tokens, logits), per_head=per_head)
+    table = table_for(keras.Model(tokens, logits), per_head=per_head)
     for path in ["mha/query/kernel", "mha/attention_output/kernel", "gqa/key/kernel"]:
         assert table[path]["route"] == "muon"
     for path in ["mha/query/bias", "gqa/query/bias", "ln/gamma", "lm_head/kernel"]:
@@ -162,7 +162,7 @@ def test_output_head_inside_a_nested_model():
     head = keras.Sequential([layers.Dense(8, name="inner_hidden"), layers.Dense(3, name="inner_out")])
     inputs = keras.Input((4,))
     outputs = layers.Softmax()(head(layers.Dense(8, name="outer")(inputs)))
-    table = routing(keras.Model(inputs, outputs))
+    table = table_for(keras.Model(inputs, outputs))
     inner_hidden, inner_out = head.layers
     assert table["outer/kernel"]["route"] == "muon"
     assert table[inner_hidden.kernel.path]["route"] == "muon"
@@ -175,9 +175,60 @@ def test_multiple_outputs_are_all_heads():
     first = layers.Dense(2, name="first")(hidden)
     second = layers.Dense(3, name="second")(hidden)
     both = layers.Concatenate()([first, second])
-    table = routing(keras.Model(inputs, both))
+    table = table_for(keras.Model(inputs, both))
     assert routes(table)["hidden/kernel"] == "muon"
     assert routes(table)["first/kernel"] == routes(table)["second/kernel"] == "adamw"
+
+
+def test_only_the_used_output_of_a_nested_model_is_followed():
+    inputs = keras.Input((4,))
+    hidden = layers.Dense(8, name="shared")(inputs)
+    backbone = keras.Model(
+        inputs, {"sequence": layers.Dense(8, name="last")(hidden), "pooled": layers.Dense(8, name="pooler")(hidden)}
+    )
+    outer_inputs = keras.Input((4,))
+    outputs = layers.Dense(2, name="classifier")(backbone(outer_inputs)["sequence"])
+    model = keras.Model(outer_inputs, layers.Dropout(0.1)(outputs))
+    table = routes(table_for(model))
+    assert table["classifier/kernel"] == "adamw"
+    assert table["last/kernel"] == table["pooler/kernel"] == table["shared/kernel"] == "muon"
+
+
+def test_residual_output_does_not_make_the_skip_branch_a_head():
+    inputs = keras.Input((8,))
+    h = layers.Dense(8, name="h")(inputs)
+    outputs = layers.Add()([h, layers.Dense(8, name="last")(h)])
+    table = routes(table_for(keras.Model(inputs, outputs)))
+    assert table["last/kernel"] == "adamw"
+    assert table["h/kernel"] == "muon"
+
+
+def test_normalization_after_the_head_is_walked_through():
+    inputs = keras.Input((8,))
+    x = layers.Dense(8, name="hidden")(inputs)
+    x = layers.LayerNormalization(name="norm")(layers.Dense(4, name="head")(x))
+    table = routes(table_for(keras.Model(inputs, x)))
+    assert table["head/kernel"] == "adamw"
+    assert table["hidden/kernel"] == "muon"
+
+
+def test_a_frozen_output_layer_is_the_head():
+    inputs = keras.Input((8,))
+    x = layers.Dense(8, name="hidden")(inputs)
+    frozen = layers.Dense(4, name="frozen")
+    frozen.trainable = False
+    table = routes(table_for(keras.Model(inputs, frozen(x))))
+    assert table == {"hidden/kernel": "muon", "hidden/bias": "adamw"}
+
+
+def test_composite_output_layer_marks_only_its_last_projection():
+    tokens = keras.Input((6, 8))
+    outputs = layers.MultiHeadAttention(2, 4, name="mha")(tokens, tokens)
+    table = table_for(keras.Model(tokens, outputs))
+    assert table["mha/attention_output/kernel"]["route"] == "adamw"
+    assert "guessed" in table["mha/attention_output/kernel"]["reason"]
+    for name in ["query", "key", "value"]:
+        assert table[f"mha/{name}/kernel"]["route"] == "muon"
 
 
 class SubclassedClassifier(keras.Model):
@@ -194,7 +245,7 @@ class SubclassedClassifier(keras.Model):
 def test_subclassed_model_guesses_its_last_projection_as_head():
     model = SubclassedClassifier()
     model(np.ones((1, 4)))
-    table = routing(model)
+    table = table_for(model)
     hidden = table[model.hidden.kernel.path]
     head = table[model.classifier.kernel.path]
     assert hidden["route"] == "muon"
@@ -202,12 +253,57 @@ def test_subclassed_model_guesses_its_last_projection_as_head():
     assert "guessed" in head["reason"]
 
 
+class Decoder(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = layers.Dense(8)
+        self.decoder = keras.Sequential([layers.Dense(8), layers.Dense(3)])
+
+    def call(self, x):
+        return self.decoder(self.hidden(x))
+
+
+def test_subclassed_model_with_a_sequential_decoder():
+    model = Decoder()
+    model(np.ones((1, 4)))
+    table = routes(table_for(model))
+    first, last = model.decoder.layers
+    assert table[last.kernel.path] == "adamw"
+    assert table[first.kernel.path] == table[model.hidden.kernel.path] == "muon"
+
+
+class Distiller(keras.Model):
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+
+    def call(self, x):
+        return self.student(x)
+
+
+def functional_classifier(prefix):
+    inputs = keras.Input((4,))
+    x = layers.Dense(8, name=f"{prefix}_hidden")(inputs)
+    return keras.Model(inputs, layers.Dense(3, name=f"{prefix}_logits")(x))
+
+
+def test_subclassed_model_training_one_functional_part():
+    distiller = Distiller(functional_classifier("student"), functional_classifier("teacher"))
+    optimizer = keras_muon.Muon()
+    distiller.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(distiller.student.trainable_variables)
+    table = routes({row["path"]: row for row in optimizer.routing_table()})
+    assert table["student_hidden/kernel"] == "muon"
+    assert table["student_logits/kernel"] == "adamw"
+
+
 def test_reversible_embedding_used_as_lm_head():
     embedding = layers.ReversibleEmbedding(30, 8, tie_weights=True, name="tied")
     tokens = keras.Input((5,), dtype="int32")
     x = layers.Dense(8, name="mixer")(embedding(tokens))
     model = keras.Model(tokens, embedding(x, reverse=True))
-    assert routes(routing(model)) == {
+    assert routes(table_for(model)) == {
         "tied/embeddings": "adamw",
         "mixer/kernel": "muon",
         "mixer/bias": "adamw",
@@ -215,7 +311,7 @@ def test_reversible_embedding_used_as_lm_head():
 
 
 def test_exclude_layers():
-    table = routing(misleadingly_named_model(), exclude_layers=["mixer"])
+    table = table_for(misleadingly_named_model(), exclude_layers=["mixer"])
     assert table["embedding_mixer/kernel"]["route"] == "adamw"
     assert table["embedding_mixer/kernel"]["reason"] == "exclude_layers 'mixer'"
 
@@ -277,7 +373,7 @@ def test_unknown_layer_types():
     x = Mixer((2, 2, 3), name="cube")(x)
     x = PatchEmbedding((4, 6), name="patches")(x)
     outputs = layers.Dense(2, name="head")(x)
-    table = routing(keras.Model(inputs, outputs))
+    table = table_for(keras.Model(inputs, outputs))
     assert table["flat/kernel"]["route"] == "muon"
     assert table["flat/kernel"]["reason"] == "unknown layer type Mixer: 2-D kernel as Dense"
     assert table["cube/kernel"]["route"] == "adamw"
@@ -313,11 +409,22 @@ def test_registered_rule(isolated_rules):
     keras_muon.register_layer_rule(Projection, projection_rule)
     inputs = keras.Input((4,))
     outputs = layers.Dense(2, name="head")(Projection(name="proj")(inputs))
-    table = routing(keras.Model(inputs, outputs), scale="jordan")
+    table = table_for(keras.Model(inputs, outputs), scale="jordan")
     assert table["proj/w"]["route"] == "muon"
     assert table["proj/w"]["matrix_shape"] == (4, 6)
     assert table["proj/w"]["scale"] == pytest.approx(np.sqrt(6 / 4))
     assert table["proj/b"]["reason"] == "Projection bias"
+
+
+def test_registered_rule_overrides_the_embedding_name(isolated_rules):
+    keras_muon.register_layer_rule(PatchEmbedding, _dense_mixer_rule)
+    inputs = keras.Input((4,))
+    outputs = layers.Dense(2, name="head")(PatchEmbedding((4, 6), name="patches")(inputs))
+    assert table_for(keras.Model(inputs, outputs))["patches/kernel"]["route"] == "muon"
+
+
+def _dense_mixer_rule(layer, variable, per_head):
+    return keras_muon.Route(keras_muon.MatrixView.from_axes(variable.shape, (0,), (1,)), "mixer")
 
 
 def test_registered_rule_validates_its_arguments(isolated_rules):
@@ -344,7 +451,7 @@ def test_bad_rule_results_are_errors(isolated_rules, rule, message):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, layers.Dense(2)(Projection(name="proj")(inputs)))
     with pytest.raises(ValueError, match=message):
-        routing(model)
+        table_for(model)
 
 
 class SharedTable(keras.layers.Layer):
@@ -370,11 +477,11 @@ def test_tied_variable_goes_to_adamw_if_any_owner_says_so(isolated_rules):
     embedding.build()
     x = SharedTable(embedding.embeddings, name="shared")(embedding(tokens))
     outputs = layers.Dense(2, name="head")(x)
-    table = routing(keras.Model(tokens, outputs))
+    table = table_for(keras.Model(tokens, outputs))
     assert table["embed/embeddings"]["route"] == "adamw"
     shared = x._keras_history.operation
     for owners in ([embedding, shared], [shared, embedding]):
-        route = routing_module._route_shared(embedding.embeddings, owners, False)
+        route = routing._route_shared(embedding.embeddings, owners, False)
         assert route.reason == "embedding (Embedding)"
 
 
@@ -408,12 +515,13 @@ def test_summary_prints_every_variable():
 
 
 def test_keras_hub_gpt2():
-    keras_hub = pytest.importorskip("keras_hub")
+    import keras_hub
+
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
         intermediate_dim=32, max_sequence_length=8,
     )
-    table = routing(keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None))
+    table = table_for(keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None))
     block = "transformer_layer_0"
     # The tied token embedding is also the LM head.
     assert table["token_embedding/embeddings"]["route"] == "adamw"
@@ -425,3 +533,17 @@ def test_keras_hub_gpt2():
     assert table[f"{block}/feedforward_intermediate_dense/kernel"]["matrix_shape"] == (16, 32)
     muon = [path for path, row in table.items() if row["route"] == "muon"]
     assert len(muon) == 6
+
+
+class Unreadable:
+    """An object whose class cannot even be looked up, as some proxies do."""
+
+    @property
+    def __class__(self):
+        raise RuntimeError("no class")
+
+
+def test_odd_objects_on_the_call_stack_are_skipped():
+    unreadable = Unreadable()  # noqa: F841 (a local of this frame)
+    table = table_for(misleadingly_named_model())
+    assert routes(table) == MISLEADING_NAMES
