@@ -41,9 +41,13 @@ class Muon(keras.optimizers.Optimizer):
     rate `lr·adam_lr_ratio` and decoupled weight decay `adam_weight_decay`.
 
     Under `model.fit` the optimizer finds the model's layers by itself. In
-    a custom training loop, call `attach(model)` before the first update;
-    otherwise variables are routed without their layer (a 2-D `kernel` as a
-    `Dense` kernel, everything else to AdamW), and the table says so.
+    a custom training loop, call `attach(model)` before the first update.
+    Otherwise, unless the model is a local variable of a calling function,
+    variables are routed without their layer (a 2-D `kernel` as a `Dense`
+    kernel, everything else to AdamW), and the table says so.
+
+    The state is one momentum per Muon variable and two moments per AdamW
+    variable, of the variable's dtype (float32 for 16-bit variables).
 
     Non-finite gradients propagate as in AdamW, except that one NaN or inf
     in a Muon matrix's gradient makes that whole matrix NaN (msign mixes
@@ -68,8 +72,8 @@ class Muon(keras.optimizers.Optimizer):
             need a learning rate about `0.2·sqrt(d)` times AdamW's. Defaults
             to `"moonlight"`.
         rms_rate: Float > 0, the update RMS targeted by the `"moonlight"`
-            scale. `None` means a factor of 1, as in
-            `keras.optimizers.Muon`. Defaults to `0.2`.
+            scale (the only one that uses it). `None` means a factor of 1,
+            as in `keras.optimizers.Muon`. Defaults to `0.2`.
         ns_steps: Integer >= 1, number of Newton–Schulz steps. Defaults to
             `5`.
         ns_coefficients: The `(a, b, c)` of each Newton–Schulz step:
@@ -88,7 +92,7 @@ class Muon(keras.optimizers.Optimizer):
             to `0.9`.
         adam_beta_2: Float in [0, 1), AdamW's second-moment decay. Defaults
             to `0.999`.
-        epsilon: Float >= 0, AdamW's epsilon. Defaults to `1e-7`.
+        epsilon: Float > 0, AdamW's epsilon. Defaults to `1e-7`.
         adam_weight_decay: Float >= 0, decoupled weight decay of AdamW
             variables. Defaults to `0.004`.
         adam_lr_ratio: Float >= 0, AdamW's learning rate as a multiple of
