@@ -257,19 +257,28 @@ def _einsum_dense_rule(layer, variable, per_head):
     return Route(view, reason)
 
 
+def _concatenated_outputs_view(shape, parts):
+    """`shape` (k..., d_in, parts·n) as `parts` matrices (prod(k)·d_in, n).
+
+    For kernels whose last axis concatenates the outputs of several
+    matrices: conv groups, RNN gates.
+    """
+    *leading, columns = shape
+    rank = len(leading)
+    return MatrixView.from_axes(
+        shape,
+        inputs=range(rank),
+        outputs=(rank + 1,),
+        blocks=(rank,),
+        split_shape=(*leading, parts, columns // parts),
+    )
+
+
 def _conv_rule(layer, variable, per_head):
     # kernel (k..., c_in/groups, c_out); group g owns c_out[g·n:(g+1)·n].
     if not _is_kernel(variable):
         return _not_a_matrix(layer, variable)
-    *spatial, c_in, c_out = variable.shape
-    rank, groups = len(spatial), layer.groups
-    view = MatrixView.from_axes(
-        variable.shape,
-        inputs=range(rank + 1),
-        outputs=(rank + 2,),
-        blocks=(rank + 1,),
-        split_shape=(*spatial, c_in, groups, c_out // groups),
-    )
+    view = _concatenated_outputs_view(variable.shape, layer.groups)
     return Route(view, f"{type(layer).__name__} kernel")
 
 
@@ -310,15 +319,7 @@ def _recurrent_rule(gates):
         # last axis; k... are the kernel axes of a ConvLSTM.
         if variable.name not in ("kernel", "recurrent_kernel"):
             return _not_a_matrix(layer, variable)
-        *spatial, rows, columns = variable.shape
-        rank = len(spatial)
-        view = MatrixView.from_axes(
-            variable.shape,
-            inputs=range(rank + 1),
-            outputs=(rank + 2,),
-            blocks=(rank + 1,),
-            split_shape=(*spatial, rows, gates, columns // gates),
-        )
+        view = _concatenated_outputs_view(variable.shape, gates)
         return Route(view, f"{type(layer).__name__} {variable.name}")
 
     return rule

@@ -257,14 +257,13 @@ class Muon(keras.optimizers.Optimizer):
         dtype = self._momentums[index].dtype
         gradient = ops.cast(gradient, dtype)
         lr = ops.cast(learning_rate, dtype)
-        weights = ops.cast(variable, dtype)
         if self._routes[index].view is None:
-            update = self._adamw_update(index, gradient, weights, lr * self.adam_lr_ratio)
+            update = self._adamw_update(index, gradient, variable, lr * self.adam_lr_ratio)
         else:
-            update = self._muon_update(index, gradient, weights, lr)
+            update = self._muon_update(index, gradient, variable, lr)
         self.assign_sub(variable, ops.cast(update, variable.dtype))
 
-    def _muon_update(self, index, gradient, weights, lr):
+    def _muon_update(self, index, gradient, variable, lr):
         momentum = self._momentums[index]
         beta = self.momentum
         new_momentum = ops.add(ops.multiply(momentum, beta), gradient)
@@ -285,10 +284,10 @@ class Muon(keras.optimizers.Optimizer):
         update = ops.multiply(orthogonal, self._scales[index])
         decay = self._decay_rate(index, self.weight_decay)
         if decay:
-            update = ops.add(update, ops.multiply(weights, decay))
+            update = ops.add(update, ops.multiply(ops.cast(variable, update.dtype), decay))
         return ops.multiply(update, lr)
 
-    def _adamw_update(self, index, gradient, weights, lr):
+    def _adamw_update(self, index, gradient, variable, lr):
         m = self._momentums[index]
         v = self._velocities[index]
         step = ops.cast(self.iterations + 1, m.dtype)
@@ -304,7 +303,7 @@ class Muon(keras.optimizers.Optimizer):
         update = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), self.epsilon))
         decay = self._decay_rate(index, self.adam_weight_decay)
         if decay:
-            update = ops.add(update, ops.multiply(weights, lr * decay))
+            update = ops.add(update, ops.multiply(ops.cast(variable, m.dtype), lr * decay))
         return update
 
     def _decay_rate(self, index, rate):
