@@ -6,7 +6,7 @@ matrix products; a schedule is the list of `(a, b, c)` used step by step.
 """
 
 import math
-import operator
+import numbers
 
 from keras import ops
 
@@ -82,16 +82,11 @@ def coefficient_schedule(coefficients="polar_express", steps=5):
             coefficients, more triples than `steps`, or a schedule that
             diverges (sends a singular value in [0, 1] above 2).
     """
-    try:
-        if isinstance(steps, bool):
-            raise TypeError
-        steps = operator.index(steps)
-    except TypeError:
-        steps = None
-    if steps is None or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(
             f"`ns_steps` must be an integer >= 1. Received: ns_steps={steps!r}"
         )
+    steps = int(steps)
     if isinstance(coefficients, str):
         if coefficients == "polar_express":
             return tuple(_polar_express(steps))

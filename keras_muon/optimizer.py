@@ -324,12 +324,13 @@ class Muon(keras.optimizers.Optimizer):
         keys = list(store.keys())
         if self.built and _ROUTES_KEY in keys:
             saved = [int(flag) for flag in store[_ROUTES_KEY]]
-            if saved != self._route_flags():
+            current = self._route_flags()
+            if saved != current:
                 # The state layout follows the routes (AdamW variables have
                 # a velocity): loading across routes would mix moments up.
                 differing = [
                     v.path
-                    for v, a, b in zip(self._trainable_variables, saved, self._route_flags())
+                    for v, a, b in zip(self._trainable_variables, saved, current)
                     if a != b
                 ]
                 raise ValueError(

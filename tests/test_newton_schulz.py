@@ -211,7 +211,7 @@ def test_custom_schedule_repeats_its_last_triple():
         ({"steps": 0}, "ns_steps"),
         ({"steps": 2.5}, "ns_steps"),
         ({"steps": True}, "ns_steps"),
-        ({"steps": "5"}, "ns_steps"),
+        ({"steps": "5"}, "Received: ns_steps='5'"),
         ({"coefficients": "newton"}, "ns_coefficients"),
         ({"coefficients": []}, "ns_coefficients"),
         ({"coefficients": [(1.0, 2.0)]}, "ns_coefficients"),
