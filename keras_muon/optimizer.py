@@ -58,13 +58,14 @@ class Muon(keras.optimizers.Optimizer):
         learning_rate: A float, a
             `keras.optimizers.schedules.LearningRateSchedule` instance, or a
             callable that takes no arguments and returns the value to use.
-            With `scale="moonlight"`, use the learning rate you would use
-            with AdamW. Defaults to `0.001`.
+            With `scale="moonlight"`, Muon's update has the RMS of an
+            AdamW update, so AdamW's learning rate is a safe start; Muon
+            stays stable at larger ones. Defaults to `0.003`.
         momentum: Float in [0, 1), the momentum of Muon. Defaults to `0.95`.
         nesterov: Boolean, whether Muon uses Nesterov momentum. Defaults to
             `True`.
         weight_decay: Float >= 0, decoupled weight decay of Muon variables,
-            multiplied by the learning rate. Defaults to `0.004`.
+            multiplied by the learning rate. Defaults to `0.1`.
         scale: How the orthogonalized update is scaled per `(d_in, d_out)`
             block: `"moonlight"` (`rms_rate·sqrt(max(d_in, d_out))`,
             AdamW-like update size), `"jordan"` (`sqrt(max(1, d_out/d_in))`),
@@ -112,10 +113,10 @@ class Muon(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate=0.001,
+        learning_rate=0.003,
         momentum=0.95,
         nesterov=True,
-        weight_decay=0.004,
+        weight_decay=0.1,
         scale="moonlight",
         rms_rate=0.2,
         ns_steps=5,

@@ -1,0 +1,150 @@
+"""Training quality: keras_muon.Muon, keras.optimizers.AdamW and
+keras.optimizers.Muon on the char transformer of examples/char_transformer.py,
+each over the same learning-rate grid and the same schedule shape.
+
+Every run starts from the same initial weights and sees the same batches.
+Prints the final validation loss of every run, the best per optimizer, and
+the steps each needs to reach AdamW's best final validation loss as a
+fraction of the steps AdamW needs (first crossing of the validation
+curve, linearly interpolated between evaluations). Writes every curve to
+<output>/quality.json and a plot to <output>/quality.png.
+
+    KERAS_BACKEND=jax python benchmarks/quality.py
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import char_transformer  # noqa: E402
+import common  # noqa: E402
+
+MUON = "keras_muon.Muon"
+ADAMW = "keras.optimizers.AdamW"
+STEPS = 600
+LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
+
+
+def steps_to_reach(curves, target):
+    """First step at which the validation loss is <= `target`, linearly
+    interpolated between evaluations; None if it never gets there."""
+    steps, losses = curves["step"], curves["val_loss"]
+    for i in range(1, len(steps)):
+        if losses[i] <= target:
+            before, after = losses[i - 1], losses[i]
+            fraction = 1.0 if before == after else (before - target) / (before - after)
+            return steps[i - 1] + min(1.0, fraction) * (steps[i] - steps[i - 1])
+    return None
+
+
+def option(text):
+    """Parses `--muon-option name=value` (value as a Python literal)."""
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise ValueError(f"expected name=value, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def main(argv=None):
+    parser = common.argument_parser(__doc__, steps=STEPS, learning_rate=False)
+    common.add_text_model_flags(parser)
+    parser.add_argument(
+        "--learning-rates", type=float, nargs="+", default=LEARNING_RATES,
+        help="peak learning rates, the same grid for every optimizer "
+        f"(default {' '.join(map(str, LEARNING_RATES))})",
+    )
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=list(common.OPTIMIZERS),
+        default=list(common.OPTIMIZERS), help="optimizers to run (default all three)",
+    )
+    parser.add_argument(
+        "--muon-option", type=option, action="append", default=[], metavar="NAME=VALUE",
+        help="an argument of keras_muon.Muon other than learning_rate, for "
+        "ablations, e.g. --muon-option weight_decay=0.1 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    weights, data = char_transformer.initial_weights(args), char_transformer.text_data(args)
+    build_model = char_transformer.model_builder(args)
+    muon_options = dict(args.muon_option)
+
+    runs = []
+    for learning_rate in args.learning_rates:
+        for name in args.optimizers:
+            options = muon_options if name == MUON else {}
+            print(f"{name} at peak learning rate {learning_rate:g}", flush=True)
+            curves = common.train(
+                name, learning_rate, build_model, weights, data, args.steps, args.batch_size,
+                args.eval_every, char_transformer.LOSS, options, verbose=0, show_routes=False,
+            )
+            runs.append({"optimizer": name, "learning_rate": learning_rate, **curves})
+            print(f"  validation loss {curves['val_loss'][-1]:.4f}, {curves['seconds']:.1f} s", flush=True)
+
+    final = {(run["optimizer"], run["learning_rate"]): run["val_loss"][-1] for run in runs}
+    grid = [{"peak lr": lr, **{name: final[name, lr] for name in args.optimizers}} for lr in args.learning_rates]
+    best = {
+        name: min((run for run in runs if run["optimizer"] == name), key=lambda r: np.nan_to_num(r["val_loss"][-1], nan=np.inf))
+        for name in args.optimizers
+    }
+    summary = []
+    for name, run in best.items():
+        row = {"optimizer": name, "best lr": run["learning_rate"], "best validation loss": run["val_loss"][-1]}
+        if ADAMW in best:
+            target = best[ADAMW]["val_loss"][-1]
+            reached = steps_to_reach(run, target)
+            row["steps to AdamW's best"] = "never" if reached is None else round(reached)
+            row["fraction of AdamW's steps"] = (
+                "-" if reached is None else reached / steps_to_reach(best[ADAMW], target)
+            )
+        summary.append(row)
+
+    backend = keras.backend.backend()
+    setting = (
+        f"backend {backend}, {args.steps} steps of {args.batch_size}×{args.sequence_length} bytes, "
+        f"width {args.width}, depth {args.depth}, seed {args.seed}"
+    )
+    if muon_options:
+        setting += f", keras_muon.Muon options {muon_options}"
+    common.print_table(f"final validation loss per peak learning rate ({setting})", grid)
+    common.print_table("best run per optimizer", summary)
+    edge = [name for name, run in best.items() if run["learning_rate"] in (min(args.learning_rates), max(args.learning_rates))]
+    if edge:
+        print(f"note: the best learning rate is at the edge of the grid for {', '.join(edge)}")
+    path = _plot(args.output, setting, runs, best)
+    print(f"\nplot: {path}")
+    return summary
+
+
+def _plot(output, setting, runs, best):
+    common.save_json(output, "quality", {"setting": setting, "runs": runs})
+    pyplot = common.pyplot()
+    figure, (curves_axis, grid_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
+    for name, run in best.items():
+        curves_axis.plot(run["step"], run["val_loss"], label=f"{name} (lr {run['learning_rate']:g})")
+        points = [(r["learning_rate"], r["val_loss"][-1]) for r in runs if r["optimizer"] == name]
+        grid_axis.plot(*zip(*points), marker="o", label=name)
+    curves_axis.set(xlabel="step", ylabel="validation loss", title="best learning rate of each")
+    grid_axis.set(xlabel="peak learning rate", ylabel="final validation loss", xscale="log", title="learning-rate grid")
+    for axis, values in (
+        (curves_axis, [run["val_loss"] for run in best.values()]),
+        (grid_axis, [[None] + [run["val_loss"][-1] for run in runs]]),
+    ):
+        axis.grid(alpha=0.3)
+        axis.legend()
+        common.zoom_on_tail(axis, values)
+    figure.suptitle(setting, fontsize=9)
+    figure.tight_layout()
+    path = output / "quality.png"
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+    return path
+
+
+if __name__ == "__main__":
+    main()

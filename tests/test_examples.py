@@ -1,0 +1,107 @@
+"""Smoke tests of the examples and the quality benchmark: a few steps at tiny
+sizes on the current backend, end to end, including the plot."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import char_transformer  # noqa: E402
+import common  # noqa: E402
+import digits_convnet  # noqa: E402
+import keras_hub_gpt2  # noqa: E402
+import quality  # noqa: E402
+
+TINY_TRANSFORMER = [
+    "--steps", "4", "--eval-every", "2", "--width", "16", "--depth", "1",
+    "--heads", "2", "--batch-size", "4", "--validation-size", "8",
+]
+OPTIMIZERS = ["keras_muon.Muon", "keras.optimizers.AdamW", "keras.optimizers.Muon"]
+
+
+def check_outputs(output, stem, rows, metrics):
+    assert [row["optimizer"] for row in rows] == OPTIMIZERS
+    for row in rows:
+        assert all(math.isfinite(row[metric]) for metric in metrics), row
+    assert (output / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = json.loads((output / f"{stem}.json").read_text())
+    assert list(runs) == OPTIMIZERS
+    return runs
+
+
+def test_char_transformer(tmp_path):
+    rows = char_transformer.main([*TINY_TRANSFORMER, "--output", str(tmp_path)])
+    runs = check_outputs(tmp_path, "char_transformer", rows, ["validation loss", "fit seconds"])
+    for curves in runs.values():
+        assert curves["step"] == [0, 2, 4]
+        assert len(curves["val_loss"]) == 3 and curves["loss"][0] is None
+
+
+def test_char_transformer_rejects_an_interval_that_does_not_divide_the_steps(tmp_path):
+    with pytest.raises(ValueError, match="multiple of eval_every"):
+        char_transformer.main([*TINY_TRANSFORMER, "--eval-every", "3", "--output", str(tmp_path)])
+
+
+def test_digits_convnet(tmp_path):
+    rows = digits_convnet.main(
+        ["--epochs", "2", "--batch-size", "512", "--width", "4", "--output", str(tmp_path)]
+    )
+    runs = check_outputs(
+        tmp_path, "digits_convnet", rows, ["validation accuracy", "validation loss"]
+    )
+    assert all(0.0 <= row["validation accuracy"] <= 1.0 for row in rows)
+    # 1,437 training images in batches of 512: 2 steps per epoch.
+    assert all(curves["step"] == [0, 2, 4] for curves in runs.values())
+
+
+def test_keras_hub_gpt2(tmp_path, capsys):
+    rows = keras_hub_gpt2.main([*TINY_TRANSFORMER, "--output", str(tmp_path)])
+    check_outputs(tmp_path, "keras_hub_gpt2", rows, ["validation loss"])
+    table = capsys.readouterr().out
+    assert "output head (ReversibleEmbedding 'token_embedding')" in table
+    assert "self_attention/query/kernel" in table
+
+
+def test_quality_benchmark(tmp_path, capsys):
+    summary = quality.main(
+        [*TINY_TRANSFORMER, "--learning-rates", "1e-3", "1e-2", "--output", str(tmp_path)]
+    )
+    assert [row["optimizer"] for row in summary] == OPTIMIZERS
+    adamw = summary[1]
+    assert adamw["fraction of AdamW's steps"] == 1.0
+    runs = json.loads((tmp_path / "quality.json").read_text())["runs"]
+    assert len(runs) == 6
+    assert {run["learning_rate"] for run in runs} == {1e-3, 1e-2}
+    assert (tmp_path / "quality.png").exists()
+    assert "final validation loss per peak learning rate" in capsys.readouterr().out
+
+
+def test_quality_benchmark_passes_options_to_keras_muon(tmp_path, capsys):
+    quality.main(
+        [
+            *TINY_TRANSFORMER, "--learning-rates", "1e-3", "--optimizers",
+            "keras_muon.Muon", "keras.optimizers.AdamW", "--muon-option", "scale=jordan",
+            "--muon-option", "weight_decay=0.1", "--output", str(tmp_path),
+        ]
+    )
+    assert "options {'scale': 'jordan', 'weight_decay': 0.1}" in capsys.readouterr().out
+
+
+def test_steps_to_reach_interpolates_the_first_crossing():
+    curves = {"step": [0, 10, 20, 30], "val_loss": [3.0, 2.0, 1.0, 1.5]}
+    assert quality.steps_to_reach(curves, 2.5) == 5.0
+    assert quality.steps_to_reach(curves, 1.0) == 20.0
+    assert quality.steps_to_reach(curves, 1.2) == pytest.approx(18.0)
+    assert quality.steps_to_reach(curves, 0.5) is None
+
+
+def test_evaluation_interval_divides_the_steps():
+    assert common.evaluation_interval(600) == 50
+    assert common.evaluation_interval(100) == 5  # 8, 7 and 6 do not divide 100
+    assert common.evaluation_interval(7) == 1
