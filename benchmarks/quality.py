@@ -12,6 +12,7 @@ curve, linearly interpolated between evaluations). Writes every curve to
     KERAS_BACKEND=jax python benchmarks/quality.py
 """
 
+import argparse
 import ast
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def option(text):
     """Parses `--muon-option name=value` (value as a Python literal)."""
     name, _, value = text.partition("=")
     if not name or not value:
-        raise ValueError(f"expected name=value, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
         return name, ast.literal_eval(value)
     except (ValueError, SyntaxError):

@@ -58,17 +58,19 @@ def pydoc_bytes():
 
 def text_windows(sequence_length, train_count, validation_count, seed):
     """Next-byte prediction pairs `(x, y)` from the pydoc text: random
-    windows of the first 90% for training, of the last 10% for validation."""
+    windows of the first 90% for training, of the last 10% for validation.
+    The validation windows depend on `seed` and the sizes only, not on
+    `train_count`."""
     data = pydoc_bytes()
     split = int(0.9 * len(data))
-    rng = np.random.default_rng(seed)
 
-    def windows(part, count):
+    def windows(part, count, stream):
+        rng = np.random.default_rng([seed, stream])
         starts = rng.integers(0, len(part) - sequence_length - 1, size=count)
         rows = part[starts[:, None] + np.arange(sequence_length + 1)]
         return rows[:, :-1].astype("int32"), rows[:, 1:].astype("int32")
 
-    return windows(data[:split], train_count), windows(data[split:], validation_count)
+    return windows(data[:split], train_count, 0), windows(data[split:], validation_count, 1)
 
 
 def evaluation_interval(steps, evaluations=12):
@@ -156,6 +158,14 @@ def compare(args, stem, title, train_one, columns, plot_metrics):
     return rows
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def argument_parser(description, steps=None, epochs=None, output="results", learning_rate=True):
     """A parser with the flags every example has."""
     parser = argparse.ArgumentParser(
@@ -163,12 +173,12 @@ def argument_parser(description, steps=None, epochs=None, output="results", lear
     )
     if steps is not None:
         parser.add_argument(
-            "--steps", type=int, default=steps,
+            "--steps", type=positive_int, default=steps,
             help=f"training steps per optimizer (default {steps})",
         )
     if epochs is not None:
         parser.add_argument(
-            "--epochs", type=int, default=epochs,
+            "--epochs", type=positive_int, default=epochs,
             help=f"passes over the training set per optimizer (default {epochs})",
         )
     if learning_rate:
@@ -191,18 +201,18 @@ def argument_parser(description, steps=None, epochs=None, output="results", lear
 
 def add_text_model_flags(parser):
     """Flags of the byte-level language models and their data."""
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    parser.add_argument("--sequence-length", type=int, default=64, help="bytes per sequence (default 64)")
-    parser.add_argument("--width", type=int, default=128, help="model width (default 128)")
-    parser.add_argument("--depth", type=int, default=2, help="transformer blocks (default 2)")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step (default 32)")
+    parser.add_argument("--sequence-length", type=positive_int, default=64, help="bytes per sequence (default 64)")
+    parser.add_argument("--width", type=positive_int, default=128, help="model width (default 128)")
+    parser.add_argument("--depth", type=positive_int, default=2, help="transformer blocks (default 2)")
+    parser.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
     parser.add_argument(
-        "--eval-every", type=int, default=None,
+        "--eval-every", type=positive_int, default=None,
         help="steps between validation passes; must divide --steps "
         "(default: about a twelfth of --steps)",
     )
     parser.add_argument(
-        "--validation-size", type=int, default=512,
+        "--validation-size", type=positive_int, default=512,
         help="validation sequences, from the last 10%% of the text (default 512)",
     )
 

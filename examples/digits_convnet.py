@@ -59,12 +59,14 @@ def epoch_order(train, epochs, seed):
 
 def main(argv=None):
     parser = common.argument_parser(__doc__, epochs=20)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    parser.add_argument("--width", type=int, default=32, help="filters of the first convolutions (default 32)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=32, help="images per step (default 32)")
+    parser.add_argument("--width", type=common.positive_int, default=32, help="filters of the first convolutions (default 32)")
     args = parser.parse_args(argv)
 
     train, validation = digits(args.seed)
     steps_per_epoch = len(train[1]) // args.batch_size
+    if not steps_per_epoch:
+        parser.error(f"--batch-size {args.batch_size} is larger than the {len(train[1])} training images")
     steps = args.epochs * steps_per_epoch
     train = epoch_order(train, args.epochs, args.seed)
     keras.utils.set_random_seed(args.seed)

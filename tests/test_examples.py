@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +106,27 @@ def test_evaluation_interval_divides_the_steps():
     assert common.evaluation_interval(600) == 50
     assert common.evaluation_interval(100) == 5  # 8, 7 and 6 do not divide 100
     assert common.evaluation_interval(7) == 1
+
+
+@pytest.mark.parametrize(
+    "main, argv, message",
+    [
+        (char_transformer.main, ["--steps", "0"], "--steps: must be a positive integer, got 0"),
+        (keras_hub_gpt2.main, ["--width", "-8"], "--width: must be a positive integer, got -8"),
+        (digits_convnet.main, ["--batch-size", "5000"], "larger than the 1437 training images"),
+        (quality.main, ["--muon-option", "weight_decay"], "expected NAME=VALUE, got 'weight_decay'"),
+    ],
+)
+def test_bad_flags_are_named_in_the_error(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_validation_windows_do_not_depend_on_the_number_of_training_windows():
+    short = common.text_windows(16, 10, 8, seed=3)
+    long = common.text_windows(16, 1000, 8, seed=3)
+    np.testing.assert_array_equal(short[1][0], long[1][0])
+    np.testing.assert_array_equal(short[0][0], long[0][0][:10])
+    assert not np.array_equal(common.text_windows(16, 10, 8, seed=4)[1][0], short[1][0])
