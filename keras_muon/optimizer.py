@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_muon import routing
 from keras_muon.newton_schulz import coefficient_schedule
-from keras_muon.newton_schulz import msign
+from keras_muon.newton_schulz import newton_schulz
 from keras_muon.scaling import SCALES
 from keras_muon.scaling import update_scale
 
@@ -47,7 +47,12 @@ class Muon(keras.optimizers.Optimizer):
     kernel, everything else to AdamW), and the table says so.
 
     The state is one momentum per Muon variable and two moments per AdamW
-    variable, of the variable's dtype (float32 for 16-bit variables).
+    variable, of the variable's dtype (float32 for 16-bit variables, whose
+    new values are computed in float32 and rounded once).
+
+    Each step, all Muon blocks of one shape (or its transpose) go through
+    one batched Newton–Schulz iteration (`newton_schulz`), whatever
+    variables, heads, gates or groups they come from.
 
     Non-finite gradients propagate as in AdamW, except that one NaN or inf
     in a Muon matrix's gradient makes that whole matrix NaN (msign mixes
@@ -83,7 +88,8 @@ class Muon(keras.optimizers.Optimizer):
             `"polar_express"`.
         ns_dtype: Dtype of the Newton–Schulz iteration: `None` (float32),
             `"bfloat16"` (for accelerators) or `"float16"`. Normalisation is
-            always float32 and the result is cast to the variable's dtype.
+            always float32. 16-bit iterations always use the plain
+            iteration, never the Gram one.
         per_head: Boolean. If `True`, attention projections (`EinsumDense`
             kernels with a `(heads, head_dim)` side) are orthogonalized head
             by head. Defaults to `False`.
@@ -253,40 +259,67 @@ class Muon(keras.optimizers.Optimizer):
         return super().apply(grads, trainable_variables)
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
-        # The state's dtype: the variable's, or float32 for 16-bit variables.
-        dtype = self._momentums[index].dtype
-        gradient = ops.cast(gradient, dtype)
-        lr = ops.cast(learning_rate, dtype)
-        if self._routes[index].view is None:
-            update = self._adamw_update(index, gradient, variable, lr * self.adam_lr_ratio)
-        else:
-            update = self._muon_update(index, gradient, variable, lr)
-        self.assign_sub(variable, ops.cast(update, variable.dtype))
+        self._update([gradient], [variable], learning_rate)
 
-    def _muon_update(self, index, gradient, variable, lr):
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if _tf_distribution_strategy_in_use():
+            # tf.distribute updates each variable on its own devices, one
+            # `update_step` at a time.
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        else:
+            self._update(grads, trainable_variables, learning_rate)
+
+    def _update(self, grads, variables, learning_rate):
+        """Updates AdamW variables one by one, and Muon variables with one
+        batched Newton–Schulz iteration per block shape."""
+        groups = {}
+        for gradient, variable in zip(grads, variables):
+            index = self._get_variable_index(variable)
+            # The state's dtype: the variable's, or float32 for 16-bit ones.
+            dtype = self._momentums[index].dtype
+            gradient = ops.cast(gradient, dtype)
+            lr = ops.cast(learning_rate, dtype)
+            view = self._routes[index].view
+            if view is None:
+                update = self._adamw_update(index, gradient, variable, lr * self.adam_lr_ratio)
+                new_value = ops.subtract(ops.cast(variable, dtype), update)
+                self.assign(variable, ops.cast(new_value, variable.dtype))
+            else:
+                blocks = _wide_blocks(view, self._muon_direction(index, gradient))
+                groups.setdefault(blocks.shape[1:], []).append((index, variable, lr, blocks))
+        for group in groups.values():
+            stacked = [blocks for _, _, _, blocks in group]
+            stacked = stacked[0] if len(stacked) == 1 else ops.concatenate(stacked)
+            orthogonal = newton_schulz(stacked, self._ns_schedule, self.ns_dtype)
+            start = 0
+            for index, variable, lr, blocks in group:
+                end = start + blocks.shape[0]
+                new_value = self._muon_update(index, variable, orthogonal[start:end], lr)
+                self.assign(variable, ops.cast(new_value, variable.dtype))
+                start = end
+
+    def _muon_direction(self, index, gradient):
+        """Updates the momentum; returns the direction to orthogonalize."""
         momentum = self._momentums[index]
         beta = self.momentum
         new_momentum = ops.add(ops.multiply(momentum, beta), gradient)
         self.assign(momentum, new_momentum)
         if self.nesterov:
-            direction = ops.add(ops.multiply(new_momentum, beta), gradient)
-        else:
-            direction = new_momentum
+            return ops.add(ops.multiply(new_momentum, beta), gradient)
+        return new_momentum
+
+    def _muon_update(self, index, variable, orthogonal_blocks, lr):
+        """The new value of a Muon variable, from its orthogonalized blocks:
+        `W·(1 − lr·λ) − (lr·s)·O`, with the scalars multiplied first."""
         view = self._routes[index].view
-        orthogonal = view.from_blocks(
-            msign(
-                view.to_blocks(direction),
-                steps=self.ns_steps,
-                coefficients=self._ns_schedule,
-                dtype=self.ns_dtype,
-            )
-        )
-        update = ops.multiply(orthogonal, self._scales[index])
+        if view.d_in > view.d_out:
+            orthogonal_blocks = ops.swapaxes(orthogonal_blocks, -1, -2)
+        orthogonal = view.from_blocks(ops.cast(orthogonal_blocks, lr.dtype))
+        weights = ops.cast(variable, lr.dtype)
         decay = self._decay_rate(index, self.weight_decay)
         if decay:
-            update = ops.add(update, ops.multiply(ops.cast(variable, update.dtype), decay))
-        return ops.multiply(update, lr)
+            weights = ops.multiply(weights, 1 - lr * decay)
+        return ops.subtract(weights, ops.multiply(orthogonal, lr * self._scales[index]))
 
     def _adamw_update(self, index, gradient, variable, lr):
         m = self._momentums[index]
@@ -441,6 +474,22 @@ class Muon(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _wide_blocks(view, x):
+    """`x` as `view`'s blocks, float32, each with no more rows than columns
+    (tall blocks transposed), so that blocks of transposed shapes share one
+    Newton–Schulz batch."""
+    blocks = ops.cast(view.to_blocks(x), "float32")
+    return ops.swapaxes(blocks, -1, -2) if view.d_in > view.d_out else blocks
+
+
+def _tf_distribution_strategy_in_use():
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
 
 
 def _dense(gradient, shape):

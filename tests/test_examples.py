@@ -1,11 +1,12 @@
-"""Smoke tests of the examples and the quality benchmark: a few steps at tiny
-sizes on the current backend, end to end, including the plot."""
+"""Smoke tests of the examples and the benchmarks: a few steps at tiny sizes
+on the current backend, end to end, including the plot."""
 
 import json
 import math
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ import common  # noqa: E402
 import digits_convnet  # noqa: E402
 import keras_hub_gpt2  # noqa: E402
 import quality  # noqa: E402
+import step_time  # noqa: E402
 
 TINY_TRANSFORMER = [
     "--steps", "4", "--eval-every", "2", "--width", "16", "--depth", "1",
@@ -130,3 +132,34 @@ def test_validation_windows_do_not_depend_on_the_number_of_training_windows():
     np.testing.assert_array_equal(short[1][0], long[1][0])
     np.testing.assert_array_equal(short[0][0], long[0][0][:10])
     assert not np.array_equal(common.text_windows(16, 10, 8, seed=4)[1][0], short[1][0])
+
+
+def test_step_time_benchmark(tmp_path):
+    backend = keras.backend.backend()
+    step_time.main([
+        "--backend", backend, "--widths", "64", "--depth", "1", "--batch-size", "2",
+        "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--output", str(tmp_path),
+    ])
+    result = json.loads((tmp_path / f"step_time_{backend}.json").read_text())
+    assert result["backend"] == backend
+    entry = result["widths"]["64"]
+    rows = entry["optimizers"]
+    assert list(rows) == OPTIMIZERS
+    for row in rows.values():
+        assert row["train step seconds"] > 0 and row["update seconds"] > 0
+    adamw = rows["keras.optimizers.AdamW"]
+    assert adamw["ns flops"] == 0
+    # One float32 momentum per Muon matrix instead of AdamW's two moments:
+    # 4 attention projections of 64×64 and the feed-forward pair of 64×256.
+    saved = adamw["state bytes"] - rows["keras_muon.Muon"]["state bytes"]
+    assert saved == 4 * (4 * 64 * 64 + 2 * 64 * 256)
+    # keras_muon also orthogonalizes attention: 4 blocks of 64×64 besides
+    # the feed-forward pair (the down projection transposed).
+    assert [group["shape"] for group in entry["newton_schulz"]] == [[4, 64, 64], [2, 64, 256]]
+    assert rows["keras_muon.Muon"]["ns flops"] == sum(g["flops"] for g in entry["newton_schulz"])
+    assert rows["keras.optimizers.Muon"]["ns flops"] > 0
+
+
+def test_step_time_benchmark_rejects_widths_without_whole_heads(tmp_path):
+    with pytest.raises(SystemExit):
+        step_time.main(["--widths", "100", "--output", str(tmp_path)])

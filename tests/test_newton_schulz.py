@@ -4,7 +4,11 @@ from keras import ops
 
 from keras_muon import coefficient_schedule
 from keras_muon import msign
+from keras_muon import newton_schulz as newton_schulz_module
 from keras_muon.newton_schulz import POLAR_EXPRESS
+from keras_muon.newton_schulz import newton_schulz
+from keras_muon.newton_schulz import newton_schulz_flops
+from keras_muon.newton_schulz import uses_gram_iteration
 from tests import reference
 
 
@@ -229,3 +233,50 @@ def test_invalid_arguments_name_the_problem(kwargs, message):
 def test_rank_one_input_is_an_error():
     with pytest.raises(ValueError, match="rank >= 2"):
         run_msign(np.ones((4,), "float32"))
+
+
+def test_which_matrices_are_iterated_on_their_gram_matrix():
+    assert uses_gram_iteration(256, 1024, 5)
+    assert uses_gram_iteration(1024, 256, 5)
+    assert not uses_gram_iteration(256, 256, 5)
+    # At 1.5 times as wide, both iterations take the same FLOPs.
+    assert not uses_gram_iteration(256, 384, 5)
+    assert uses_gram_iteration(256, 385, 5)
+    assert not uses_gram_iteration(256, 1024, 5, "bfloat16")
+    assert not uses_gram_iteration(256, 1024, 1)
+
+
+# Singular values down to 1e-6: below the range the schedules are made
+# for, where float32 errors in the Gram iterates would show first.
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (48, 192)])
+@pytest.mark.parametrize("coefficients, steps", [("polar_express", 5), ("polar_express", 8), ("jordan", 5)])
+def test_gram_iteration_matches_float64_reference(shape, coefficients, steps):
+    assert uses_gram_iteration(*shape, steps)
+    x = with_singular_values(np.geomspace(1e-6, 1.0, min(shape)), *shape, seed=10)
+    expected = reference.newton_schulz(x, coefficient_schedule(coefficients, steps))
+    out = run_msign(x, steps=steps, coefficients=coefficients)
+    assert np.linalg.norm(out - expected) <= 1e-4 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize(
+    "shape, steps, dtype",
+    [((16, 16), 5, None), ((16, 64), 5, None), ((16, 64), 8, None), ((16, 64), 1, None),
+     ((16, 64), 5, "bfloat16")],
+)
+def test_flop_count_is_that_of_the_products_performed(monkeypatch, shape, steps, dtype):
+    performed = []
+    matmul = ops.matmul
+
+    def counting_matmul(a, b):
+        performed.append(2 * int(np.prod(a.shape)) * b.shape[-1])
+        return matmul(a, b)
+
+    monkeypatch.setattr(newton_schulz_module.ops, "matmul", counting_matmul)
+    x = ops.convert_to_tensor(np.random.default_rng(11).normal(size=(3, *shape)).astype("float32"))
+    newton_schulz(x, coefficient_schedule("polar_express", steps), dtype)
+    assert sum(performed) == 3 * newton_schulz_flops(*shape, steps, dtype)
+
+
+def test_newton_schulz_needs_wide_matrices():
+    with pytest.raises(ValueError, match="rows <= cols"):
+        newton_schulz(ops.ones((5, 3)), coefficient_schedule("polar_express", 5))

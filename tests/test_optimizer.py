@@ -545,3 +545,52 @@ def test_layer_views_update_like_the_reference():
         )
         got = ops.convert_to_numpy(next(v for v in model.trainable_variables if v.path == path))
         np.testing.assert_allclose(got, from_blocks(new_blocks), atol=ATOL, err_msg=path)
+
+
+def feed_forward_and_attention_model():
+    """Muon blocks of two shapes: 16×64 (two up, two transposed down
+    projections) and 16×16 (the four attention projections)."""
+    inputs = keras.Input((6, 16))
+    x = keras.layers.Dense(64, name="up1")(inputs)
+    x = keras.layers.Dense(16, name="down1")(x)
+    x = keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x)
+    x = keras.layers.Dense(64, name="up2")(x)
+    x = keras.layers.Dense(16, name="down2")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def train_two_steps(model, weights, optimizer):
+    model.set_weights(weights)
+    optimizer.attach(model)
+    rng = np.random.default_rng(40)
+    for _ in range(2):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        optimizer.apply([ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
+    return [ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+
+def test_one_newton_schulz_batch_per_block_shape(monkeypatch):
+    batches = []
+    newton_schulz = keras_muon.optimizer.newton_schulz
+
+    def recording_newton_schulz(x, *args):
+        batches.append(tuple(x.shape))
+        return newton_schulz(x, *args)
+
+    monkeypatch.setattr(keras_muon.optimizer, "newton_schulz", recording_newton_schulz)
+    keras.utils.set_random_seed(41)
+    model = feed_forward_and_attention_model()
+    train_two_steps(model, model.get_weights(), keras_muon.Muon())
+    assert sorted(batches) == [(4, 16, 16), (4, 16, 16), (4, 16, 64), (4, 16, 64)]
+
+
+def test_batched_update_equals_one_variable_at_a_time(monkeypatch):
+    keras.utils.set_random_seed(42)
+    model = feed_forward_and_attention_model()
+    weights = model.get_weights()
+    batched = train_two_steps(model, weights, keras_muon.Muon(weight_decay=0.1))
+    # The path tf.distribute takes: `update_step` for each variable.
+    monkeypatch.setattr(keras_muon.optimizer, "_tf_distribution_strategy_in_use", lambda: True)
+    one_at_a_time = train_two_steps(model, weights, keras_muon.Muon(weight_decay=0.1))
+    for a, b, v in zip(batched, one_at_a_time, model.trainable_variables):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=v.path)

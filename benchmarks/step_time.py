@@ -1,0 +1,409 @@
+"""Step time, update time, optimizer state and Newton–Schulz throughput of
+keras_muon.Muon, keras.optimizers.AdamW and keras.optimizers.Muon.
+
+The model is the GPT-like char transformer of examples/char_transformer.py
+(MultiHeadAttention with 64-dimensional heads, a 4·d feed-forward layer,
+byte vocabulary) at each width; both Muons run 5 Newton–Schulz steps. Per
+backend and width, in one process, interleaved round by round (medians of
+the rounds):
+
+- train step: the wall time of `model.train_on_batch`, which runs the
+  train function `fit` compiles, without `fit`'s per-call work (on
+  TensorFlow here, whole `fit` calls end on a coarse grid of about 2.5 s,
+  which hides differences of a step);
+- update: `optimizer.apply` alone on fixed gradients, compiled as `fit`
+  compiles it (jax.jit; tf.function with the model's jit_compile; eager
+  on torch);
+- state: the bytes of the optimizer's variables;
+- Newton–Schulz FLOPs per step, counted from each optimizer's routing, and
+  the FLOP/s keras_muon's batched Newton–Schulz reaches next to the limit
+  set by the same backend's batched matmul: the time of the matrix products
+  it performs, each timed alone on the same shapes.
+
+Prints the tables and writes <output>/step_time_<backend>.json.
+`--backend all` runs every backend in its own process.
+
+    python benchmarks/step_time.py --backend all
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BACKENDS = ("jax", "tensorflow", "torch")
+NS_STEPS = 5
+HEAD_SIZE = 64
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backend", choices=(*BACKENDS, "all"), default=os.environ.get("KERAS_BACKEND", "jax"),
+        help="Keras backend, or all three (default: $KERAS_BACKEND, else jax)",
+    )
+    parser.add_argument("--widths", type=positive_int, nargs="+", default=[256, 512], help="model widths d (default 256 512)")
+    parser.add_argument("--depth", type=positive_int, default=2, help="transformer blocks (default 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step (default 32)")
+    parser.add_argument("--sequence-length", type=positive_int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)")
+    parser.add_argument("--steps", type=positive_int, default=4, help="train steps per timed round (default 4)")
+    parser.add_argument("--output", type=Path, default=Path("results"), help="folder for the JSON (default ./results)")
+    args = parser.parse_args(argv)
+    if any(width % HEAD_SIZE for width in args.widths):
+        parser.error(f"--widths must be multiples of the head size {HEAD_SIZE}")
+    if args.backend == "all":
+        run_each_backend(args, argv if argv is not None else sys.argv[1:])
+    else:
+        os.environ["KERAS_BACKEND"] = args.backend
+        measure_backend(args)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def run_each_backend(args, argv):
+    """Runs this script once per backend, then prints the tables together."""
+    forwarded = [a for a in argv if not a.startswith("--backend")]
+    if "--backend" in argv:
+        i = argv.index("--backend")
+        forwarded = argv[:i] + argv[i + 2 :]
+    for backend in BACKENDS:
+        env = {**os.environ, "KERAS_BACKEND": backend}
+        command = [sys.executable, __file__, "--backend", backend, *forwarded]
+        subprocess.run(command, env=env, check=True)
+    results = [
+        json.loads((args.output / f"step_time_{backend}.json").read_text())
+        for backend in BACKENDS
+    ]
+    print("\nAll backends")
+    for result in results:
+        print_tables(result)
+
+
+def measure_backend(args):
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, str(EXAMPLES))
+    import char_transformer
+    import common
+
+    backend = keras.backend.backend()
+    result = {
+        "backend": backend,
+        "versions": versions(backend),
+        "machine": machine(),
+        "setting": (
+            f"depth {args.depth}, batch {args.batch_size}×{args.sequence_length} "
+            f"tokens, {args.rounds} rounds of {args.steps} train steps"
+        ),
+        "widths": {},
+    }
+    for width in args.widths:
+        print(f"\n{backend}, width {width}", flush=True)
+        keras.utils.set_random_seed(0)
+        build = lambda: char_transformer.char_transformer(  # noqa: E731
+            args.sequence_length, width, args.depth, width // HEAD_SIZE
+        )
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, char_transformer.VOCABULARY, (args.batch_size * args.steps, args.sequence_length + 1))
+        x, y = tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32")
+        rows = {}
+        train_calls, update_calls = {}, {}
+        for name in common.OPTIMIZERS:
+            model = build()
+            optimizer = make_optimizer(name, model)
+            model.compile(optimizer=optimizer, **char_transformer.LOSS)
+            batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
+
+            def train(model=model, batches=batches):
+                for batch in batches:
+                    model.train_on_batch(*batch)
+
+            train()  # compiles
+            train_calls[name] = train
+            update_calls[name] = update_call(name, model)
+            rows[name] = {
+                "state bytes": state_bytes(optimizer),
+                "ns flops": ns_flops(optimizer, model),
+            }
+        train_seconds = interleaved_medians(train_calls, args.rounds)
+        update_seconds = interleaved_medians(update_calls, args.rounds)
+        for name, row in rows.items():
+            row["train step seconds"] = train_seconds[name] / args.steps
+            row["update seconds"] = update_seconds[name]
+        result["widths"][width] = {
+            "optimizers": rows,
+            "newton_schulz": ns_throughput(build(), args.rounds),
+        }
+        print_tables({**result, "widths": {width: result["widths"][width]}})
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"step_time_{backend}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {path}")
+
+
+def make_optimizer(name, model):
+    import keras
+
+    import keras_muon
+
+    if name == "keras_muon.Muon":
+        optimizer = keras_muon.Muon(ns_steps=NS_STEPS)
+        optimizer.attach(model)
+        return optimizer
+    if name == "keras.optimizers.Muon":
+        return keras.optimizers.Muon(ns_steps=NS_STEPS)
+    return keras.optimizers.AdamW()
+
+
+def update_call(name, model):
+    """A function running one `apply` of a fresh optimizer `name` on fixed
+    gradients, compiled as `fit` compiles its train step."""
+    import keras
+    import numpy as np
+
+    variables = model.trainable_variables
+    optimizer = make_optimizer(name, model)
+    optimizer.build(variables)
+    rng = np.random.default_rng(1)
+    grads = [
+        keras.ops.convert_to_tensor(1e-3 * rng.standard_normal(v.shape).astype("float32"))
+        for v in variables
+    ]
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def step(optimizer_values, values):
+            return optimizer.stateless_apply(optimizer_values, grads, values)
+
+        state = [[v.value for v in optimizer.variables], [v.value for v in variables]]
+
+        def call():
+            values, optimizer_values = step(*state)
+            jax.block_until_ready(values)
+            state[:] = [optimizer_values, values]
+
+        call()
+        return call
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(lambda: optimizer.apply(grads, variables), jit_compile=model.jit_compile)
+        step()
+        return step
+    return lambda: optimizer.apply(grads, variables)
+
+
+def interleaved_medians(calls, rounds):
+    """Median wall time of each of `calls` ({name: function}), called once
+    per round in an order that rotates from round to round."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def state_bytes(optimizer):
+    import numpy as np
+
+    return sum(
+        int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in optimizer.variables
+    )
+
+
+def ns_flops(optimizer, model):
+    """Newton–Schulz FLOPs per step of `optimizer`, from its routing."""
+    import keras
+
+    import keras_muon
+    from keras_muon.newton_schulz import newton_schulz_flops
+
+    if isinstance(optimizer, keras_muon.Muon):
+        optimizer.build(model.trainable_variables)
+        return sum(
+            row["num_blocks"] * newton_schulz_flops(*row["matrix_shape"], optimizer.ns_steps)
+            for row in optimizer.routing_table()
+            if row["route"] == "muon"
+        )
+    if isinstance(optimizer, keras.optimizers.Muon):
+        # Its rank-2 variables outside `_should_use_adamw`; per step, X·Xᵀ,
+        # P·X (r²·c each) and G·G (r³), with (r, c) the sorted shape.
+        total = 0
+        for variable in model.trainable_variables:
+            if not optimizer._should_use_adamw(variable):
+                r, c = sorted(variable.shape)
+                total += optimizer.ns_steps * 2 * r * r * (2 * c + r)
+        return total
+    return 0
+
+
+def ns_throughput(model, rounds):
+    """keras_muon's Newton–Schulz on its block groups of `model`, and the
+    same matrix products alone (the limit), each compiled as `fit` does."""
+    import keras
+    import numpy as np
+    from keras import ops
+
+    import keras_muon
+    from keras_muon.newton_schulz import coefficient_schedule
+    from keras_muon.newton_schulz import newton_schulz
+    from keras_muon.newton_schulz import newton_schulz_flops
+    from keras_muon.newton_schulz import newton_schulz_matmuls
+
+    optimizer = keras_muon.Muon(ns_steps=NS_STEPS)
+    optimizer.attach(model)
+    optimizer.build(model.trainable_variables)
+    groups = {}
+    for row in optimizer.routing_table():
+        if row["route"] == "muon":
+            shape = tuple(sorted(row["matrix_shape"]))
+            groups[shape] = groups.get(shape, 0) + row["num_blocks"]
+    schedule = coefficient_schedule("polar_express", NS_STEPS)
+    compiled = compiler(model)
+    rng = np.random.default_rng(2)
+    results = []
+    for (r, c), blocks in groups.items():
+        wide, square = newton_schulz_matmuls(r, c, NS_STEPS)
+
+        def products(x, s, wide=wide, square=square):
+            # The iteration's products without its other work. Orthonormal
+            # rows keep every product bounded: x·xᵀ·x = x and s·s is
+            # orthogonal for orthogonal s.
+            for _ in range(wide // 2):
+                x = ops.matmul(ops.matmul(x, ops.swapaxes(x, -1, -2)), x)
+            for _ in range(square):
+                s = ops.matmul(s, s)
+            return x, s
+
+        # Random blocks for Newton–Schulz: orthonormal ones would drive
+        # its Gram matrices' off-diagonals to subnormal numbers, which CPUs
+        # multiply slowly.
+        x = rng.standard_normal((blocks, r, c))
+        rows = np.linalg.qr(x.swapaxes(-1, -2))[0].swapaxes(-1, -2)
+        s = np.linalg.qr(rng.standard_normal((blocks, r, r)))[0]
+        x, rows, s = (ops.convert_to_tensor(v.astype("float32")) for v in (x, rows, s))
+        calls = {
+            "newton_schulz": synced(compiled(lambda x: newton_schulz(x, schedule)), x),
+            "products": synced(compiled(products), rows, s),
+        }
+        for call in calls.values():
+            call()  # compiles
+        seconds = interleaved_medians(calls, rounds * 3)
+        results.append(
+            {
+                "shape": [blocks, r, c],
+                "gram iteration": wide < 2 * NS_STEPS,
+                "flops": blocks * newton_schulz_flops(r, c, NS_STEPS),
+                "seconds": seconds["newton_schulz"],
+                "limit seconds": seconds["products"],
+            }
+        )
+    return results
+
+
+def compiler(model):
+    """Compiles a function as `fit` compiles its train step."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return lambda f: tf.function(f, jit_compile=model.jit_compile)
+    return lambda f: f
+
+
+def synced(function, *inputs):
+    """`function(*inputs)` as a call that waits for the result. (Summing
+    the result in the compiled function instead would change it: XLA fuses
+    a product into the sum and computes it without its matmul kernel.)"""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return lambda: function(*inputs)  # TF and torch run CPU ops synchronously
+    import jax
+
+    return lambda: jax.block_until_ready(function(*inputs))
+
+
+def print_tables(result):
+    adamw = "keras.optimizers.AdamW"
+    print(f"\nbackend {result['backend']} ({result['versions']}), {result['setting']}, {result['machine']}")
+    header = f"{'d':>4}  {'optimizer':<22} {'step ms':>8} {'× AdamW':>7} {'update ms':>9} {'state MB':>8} {'× AdamW':>7} {'NS GFLOP':>8}"
+    print(header)
+    for width, entry in result["widths"].items():
+        rows = entry["optimizers"]
+        base = rows[adamw]
+        for name, row in rows.items():
+            print(
+                f"{width:>4}  {name:<22} {1e3 * row['train step seconds']:>8.1f} "
+                f"{row['train step seconds'] / base['train step seconds']:>7.2f} "
+                f"{1e3 * row['update seconds']:>9.1f} {row['state bytes'] / 1e6:>8.2f} "
+                f"{row['state bytes'] / base['state bytes']:>7.2f} {row['ns flops'] / 1e9:>8.2f}"
+            )
+    print(
+        f"\n{'d':>4}  {'blocks × r × c':<16} {'iteration':<9} {'NS ms':>7} {'NS GFLOP/s':>10} "
+        f"{'limit ms':>8} {'limit GFLOP/s':>13} {'of limit':>8}"
+    )
+    for width, entry in result["widths"].items():
+        groups = entry["newton_schulz"]
+        for g in groups:
+            print(
+                f"{width:>4}  {'×'.join(map(str, g['shape'])):<16} "
+                f"{'gram' if g['gram iteration'] else 'plain':<9} {1e3 * g['seconds']:>7.1f} "
+                f"{g['flops'] / g['seconds'] / 1e9:>10.1f} {1e3 * g['limit seconds']:>8.1f} "
+                f"{g['flops'] / g['limit seconds'] / 1e9:>13.1f} {g['limit seconds'] / g['seconds']:>8.0%}"
+            )
+        total, limit = sum(g["seconds"] for g in groups), sum(g["limit seconds"] for g in groups)
+        flops = sum(g["flops"] for g in groups)
+        print(
+            f"{width:>4}  {'all':<16} {'':<9} {1e3 * total:>7.1f} {flops / total / 1e9:>10.1f} "
+            f"{1e3 * limit:>8.1f} {flops / limit / 1e9:>13.1f} {limit / total:>8.0%}"
+        )
+
+
+def versions(backend):
+    import keras
+
+    module = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}[backend]
+    return f"Keras {keras.__version__}, {module} {__import__(module).__version__}"
+
+
+def machine():
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()
