@@ -114,13 +114,11 @@ def fit_curves(model, train, validation, steps, batch_size, eval_every, verbose=
     return curves
 
 
-def train(name, peak, build_model, weights, data, steps, batch_size, eval_every=None,
-          compile_args=None, options=None, verbose="auto", show_routes=True):
-    """One run: `build_model()` from `weights`, compiled with optimizer
-    `name` (arguments `options`) on the shared schedule peaking at `peak`,
-    trained on `data = (train, validation)` by `fit_curves`. Prints
-    keras_muon's routing table before training if `show_routes`. Returns
-    the curves."""
+def compiled_model(name, peak, build_model, weights, steps, compile_args=None, options=None,
+                   show_routes=True):
+    """`build_model()` from `weights`, compiled with optimizer `name`
+    (arguments `options`) on the shared schedule over `steps` peaking at
+    `peak`. Prints keras_muon's routing table if `show_routes`."""
     model = build_model()
     model.set_weights(weights)
     optimizer = make_optimizer(name, steps, peak, **(options or {}))
@@ -129,6 +127,14 @@ def train(name, peak, build_model, weights, data, steps, batch_size, eval_every=
         optimizer.attach(model)
         optimizer.build(model.trainable_variables)
         optimizer.summary()
+    return model
+
+
+def train(name, peak, build_model, weights, data, steps, batch_size, eval_every=None,
+          compile_args=None, options=None, verbose="auto", show_routes=True):
+    """One run: `compiled_model(...)` trained on `data = (train,
+    validation)` by `fit_curves`. Returns the curves."""
+    model = compiled_model(name, peak, build_model, weights, steps, compile_args, options, show_routes)
     return fit_curves(model, *data, steps, batch_size, eval_every, verbose)
 
 

@@ -52,7 +52,10 @@ class Muon(keras.optimizers.Optimizer):
 
     Each step, all Muon blocks of one shape (or its transpose) go through
     one batched Newton–Schulz iteration (`newton_schulz`), whatever
-    variables, heads, gates or groups they come from.
+    variables, heads, gates or groups they come from. Distributed, each
+    momentum has its variable's layout (`keras.distribution`), and under
+    `tf.distribute.MirroredStrategy` each replica runs the batched update
+    on its own copy of the variables.
 
     Non-finite gradients propagate as in AdamW, except that one NaN or inf
     in a Muon matrix's gradient makes that whole matrix NaN (msign mixes
@@ -204,10 +207,11 @@ class Muon(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
-        super().build(var_list)
         model = self._attached_model() if self._attached_model else None
         if model is None:
             model = routing.find_model(self, var_list)
+        _reject_fully_sharded_torch_parameters(model)
+        super().build(var_list)
         routes = routing.route_variables(
             var_list, model, self.per_head, self._exclude_patterns
         )
@@ -262,12 +266,39 @@ class Muon(keras.optimizers.Optimizer):
         self._update([gradient], [variable], learning_rate)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        if _tf_distribution_strategy_in_use():
-            # tf.distribute updates each variable on its own devices, one
-            # `update_step` at a time.
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
-        else:
+        strategy = _tf_distribution_strategy()
+        if strategy is None:
             self._update(grads, trainable_variables, learning_rate)
+        elif _mirrors_every_variable(strategy):
+            self._mirrored_update(grads, trainable_variables, learning_rate)
+        else:
+            # Other strategies place variables on devices of their own:
+            # update each variable where it lives, one `update_step` at a
+            # time, as Keras does.
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _mirrored_update(self, grads, variables, learning_rate):
+        """`_update` under `tf.distribute.MirroredStrategy`: the gradients
+        are summed over replicas as Keras does, then each replica runs the
+        batched update on its own copy of every variable."""
+        import tensorflow as tf
+
+        variables = [v.value for v in variables]
+        grads = [g for g, _ in self._all_reduce_sum_gradients(list(zip(grads, variables)))]
+
+        def update_replicas(strategy, grads, learning_rate):
+            # In the update context of replica i, reading or assigning a
+            # mirrored variable (optimizer state included) reaches copy i.
+            strategy.extended.update_non_slot(
+                strategy.extended.non_slot_devices(variables),
+                lambda grads, lr: self._update(grads, variables, lr),
+                args=(grads, learning_rate),
+                group=False,
+            )
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update_replicas, self._distribution_strategy, grads, learning_rate
+        )
 
     def _update(self, grads, variables, learning_rate):
         """Updates AdamW variables one by one, and Muon variables with one
@@ -484,12 +515,36 @@ def _wide_blocks(view, x):
     return ops.swapaxes(blocks, -1, -2) if view.d_in > view.d_out else blocks
 
 
-def _tf_distribution_strategy_in_use():
+def _tf_distribution_strategy():
+    """The `tf.distribute` strategy in scope on TensorFlow, or None."""
     if keras.backend.backend() != "tensorflow":
-        return False
+        return None
     import tensorflow as tf
 
-    return tf.distribute.has_strategy()
+    return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+
+
+def _mirrors_every_variable(strategy):
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MirroredStrategy)
+
+
+def _reject_fully_sharded_torch_parameters(model):
+    """Raises if torch FSDP (`fully_shard`) has replaced `model`'s
+    parameters by shards: Keras layers compute with their own, unsharded
+    variables, so each process would train its own copy, silently."""
+    if model is None or keras.backend.backend() != "torch":
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            "This model's torch parameters are sharded (torch FSDP). Keras "
+            "layers do not compute with FSDP's shards, so processes would "
+            "not be synchronized. Use torch DistributedDataParallel, or the "
+            "JAX backend's keras.distribution.ModelParallel to shard."
+        )
 
 
 def _dense(gradient, shape):

@@ -3,6 +3,8 @@ on the current backend, end to end, including the plot."""
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,3 +165,40 @@ def test_step_time_benchmark(tmp_path):
 def test_step_time_benchmark_rejects_widths_without_whole_heads(tmp_path):
     with pytest.raises(SystemExit):
         step_time.main(["--widths", "100", "--output", str(tmp_path)])
+
+
+def run_distributed_jax(tmp_path, *flags):
+    # In a subprocess: the example splits the CPU into devices before JAX
+    # starts, which this process has already done.
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "distributed_jax.py"), *flags,
+         "--output", str(tmp_path)],
+        env=dict(os.environ, KERAS_BACKEND="jax"), capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution runs on JAX")
+def test_distributed_jax(tmp_path):
+    completed = run_distributed_jax(
+        tmp_path, *TINY_TRANSFORMER, "--batch-size", "8", "--validation-size", "16"
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    runs = json.loads((tmp_path / "distributed_jax.json").read_text())
+    assert list(runs) == ["1 device", "data parallel, 8 devices", "model parallel, 4×2 mesh"]
+    one_device = runs["1 device"]["val_loss"]
+    for curves in runs.values():
+        np.testing.assert_allclose(curves["val_loss"], one_device, atol=1e-4)
+    assert (tmp_path / "distributed_jax.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The sharded kernels and their momentums, listed with one layout.
+    assert "block0_up/kernel" in completed.stdout
+    assert "/block0_up_kernel_momentum" in completed.stdout
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution runs on JAX")
+def test_distributed_jax_rejects_a_model_axis_that_does_not_divide_the_devices(tmp_path):
+    completed = run_distributed_jax(tmp_path, "--model-axis", "3", "--steps", "1")
+    assert completed.returncode != 0
+    assert "--model-axis (3) must divide the number of devices (8)" in completed.stderr
+    completed = run_distributed_jax(tmp_path, "--batch-size", "12", "--steps", "1")
+    assert completed.returncode != 0
+    assert "--batch-size (12) must be a multiple of the number of devices (8)" in completed.stderr

@@ -589,8 +589,13 @@ def test_batched_update_equals_one_variable_at_a_time(monkeypatch):
     model = feed_forward_and_attention_model()
     weights = model.get_weights()
     batched = train_two_steps(model, weights, keras_muon.Muon(weight_decay=0.1))
-    # The path tf.distribute takes: `update_step` for each variable.
-    monkeypatch.setattr(keras_muon.optimizer, "_tf_distribution_strategy_in_use", lambda: True)
+    # The path of tf.distribute strategies other than MirroredStrategy:
+    # `update_step` for each variable.
+    def one_variable_at_a_time(optimizer, grads, variables, learning_rate):
+        for gradient, variable in zip(grads, variables):
+            optimizer.update_step(gradient, variable, learning_rate)
+
+    monkeypatch.setattr(keras_muon.Muon, "_backend_update_step", one_variable_at_a_time)
     one_at_a_time = train_two_steps(model, weights, keras_muon.Muon(weight_decay=0.1))
     for a, b, v in zip(batched, one_at_a_time, model.trainable_variables):
         np.testing.assert_allclose(a, b, atol=1e-6, err_msg=v.path)

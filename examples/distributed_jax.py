@@ -1,0 +1,155 @@
+"""Train the char transformer with keras_muon.Muon on one device, then data
+parallel and model parallel with keras.distribution on JAX, and compare.
+
+Data parallel keeps a copy of the model on every device and splits each
+batch between them. Model parallel arranges the devices in a (batch, model)
+mesh; a LayoutMap splits the attention heads and the feed-forward units
+over the model axis, and each momentum of keras_muon takes the layout of
+its variable. Newton–Schulz needs each matrix whole: under `jit`, XLA adds
+the communication it takes. The three runs start from the same weights and
+see the same batches, so their curves coincide up to float round-off; the
+table gives the largest weight difference from the one-device run.
+
+Without an accelerator, JAX splits the CPU into --cpu-devices devices, so
+this runs anywhere (slowly: the devices share the CPU's cores):
+
+    KERAS_BACKEND=jax python examples/distributed_jax.py
+
+On a host with several GPUs or TPU cores, the same command trains on all of
+them (--cpu-devices then changes nothing).
+
+Prints keras_muon's routing table, the sharded variables of the model
+parallel run with their momentums, and a table of validation loss, weight
+difference and wall time; writes the curves to <output>/distributed_jax.png
+and .json.
+"""
+
+import contextlib
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import char_transformer  # noqa: E402
+import common  # noqa: E402
+
+OPTIMIZER = "keras_muon.Muon"
+
+
+def layout_map(mesh):
+    """Attention heads and feed-forward units split over the "model" axis:
+    query, key and value kernels `(d, heads, head_dim)` and the up
+    projection `(d, 4d)` along their outputs, the attention output
+    `(heads, head_dim, d)` and down projection `(4d, d)` along their
+    inputs. Everything else is replicated."""
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts["block.*_attention/(query|key|value)/kernel"] = (None, "model", None)
+    layouts["block.*_attention/attention_output/kernel"] = ("model", None, None)
+    layouts["block.*_up/kernel"] = (None, "model")
+    layouts["block.*_down/kernel"] = ("model", None)
+    return layouts
+
+
+def distributions(model_axis, batch_size, validation_size):
+    """The runs: name → keras.distribution (None: one device)."""
+    devices = keras.distribution.list_devices()
+    if len(devices) % model_axis:
+        raise ValueError(
+            f"--model-axis ({model_axis}) must divide the number of devices ({len(devices)})."
+        )
+    for flag, size in [("--batch-size", batch_size), ("--validation-size", validation_size)]:
+        if size % len(devices):
+            raise ValueError(
+                f"{flag} ({size}) must be a multiple of the number of devices "
+                f"({len(devices)}): data parallel gives each device an equal share."
+            )
+    mesh = keras.distribution.DeviceMesh(
+        (len(devices) // model_axis, model_axis), ["batch", "model"], devices
+    )
+    return {
+        "1 device": None,
+        f"data parallel, {len(devices)} devices": keras.distribution.DataParallel(devices=devices),
+        f"model parallel, {mesh.shape[0]}×{mesh.shape[1]} mesh": keras.distribution.ModelParallel(
+            layout_map=layout_map(mesh), batch_dim_name="batch"
+        ),
+    }
+
+
+def sharded_variables(model):
+    """Rows for the variables split between devices, model and optimizer."""
+    rows = []
+    for variable in model.trainable_variables + model.optimizer.variables:
+        layout = tuple(variable.value.sharding.spec)
+        if any(axis is not None for axis in layout):
+            rows.append(
+                {"variable": variable.path, "shape": str(tuple(variable.shape)), "layout": str(layout)}
+            )
+    return rows
+
+
+def argument_parser():
+    parser = common.argument_parser(__doc__, steps=200)
+    common.add_text_model_flags(parser)
+    parser.add_argument(
+        "--cpu-devices", type=common.positive_int, default=8,
+        help="devices the CPU is split into when there is no accelerator (default 8)",
+    )
+    parser.add_argument(
+        "--model-axis", type=common.positive_int, default=2,
+        help="devices along the model axis of the model parallel mesh; must "
+        "divide the number of devices, --heads and 4·--width (default 2)",
+    )
+    return parser
+
+
+def main(argv=None):
+    args = argument_parser().parse_args(argv)
+    if keras.backend.backend() != "jax":
+        raise SystemExit(
+            "keras.distribution runs on JAX: KERAS_BACKEND=jax python examples/distributed_jax.py"
+        )
+    # Must come before JAX first lists its devices.
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    weights, data = char_transformer.initial_weights(args), char_transformer.text_data(args)
+    peak = common.peak_learning_rate(OPTIMIZER, args.learning_rate)
+    runs, rows, final_weights = {}, [], {}
+    for name, distribution in distributions(args.model_axis, args.batch_size, args.validation_size).items():
+        print(f"\n{name}")
+        with distribution.scope() if distribution else contextlib.nullcontext():
+            model = common.compiled_model(
+                OPTIMIZER, peak, char_transformer.model_builder(args), weights, args.steps,
+                char_transformer.LOSS, show_routes=distribution is None,
+            )
+            runs[name] = curves = common.fit_curves(
+                model, *data, args.steps, args.batch_size, args.eval_every
+            )
+        final_weights[name] = model.get_weights()
+        if distribution is not None and "model" in distribution.device_mesh.axis_names:
+            common.print_table(f"{name}: sharded variables (the others are replicated)",
+                               sharded_variables(model))
+        one_device = next(iter(final_weights.values()))
+        rows.append(
+            {
+                "run": name,
+                "validation loss": curves["val_loss"][-1],
+                "max |Δweight| from 1 device": max(
+                    float(np.max(np.abs(a - b))) for a, b in zip(one_device, final_weights[name])
+                ),
+                "fit seconds": curves["seconds"],
+            }
+        )
+    title = (
+        f"{OPTIMIZER}, char transformer, {args.steps} steps of "
+        f"{args.batch_size}×{args.sequence_length} bytes, {jax.devices()[0].platform}"
+    )
+    common.print_table(title, rows)
+    common.save_json(args.output, "distributed_jax", runs)
+    print(f"\nplot: {common.plot_curves(args.output, 'distributed_jax', title, runs, ['val_loss', 'loss'])}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""keras_muon trained distributed gives what one device gives.
+
+A small transformer is trained a few steps on one device and distributed:
+with keras.distribution (DataParallel and ModelParallel) on 8 simulated CPU
+devices on JAX, with tf.distribute.MirroredStrategy on 2 logical CPU
+devices on TensorFlow, and with torch DistributedDataParallel over 2
+processes on torch. Devices must be set up before the backend starts, so
+each case runs this file as a script in a subprocess (`python
+test_distribution.py <case> <output folder>`), which writes what it
+measured to JSON; the tests check it.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND = keras.backend.backend()
+
+STEPS, BATCH, SEQUENCE, WIDTH, HEADS, DEPTH = 4, 16, 32, 64, 4, 2
+LEARNING_RATE = 0.02
+# Muon's blocks in this model, stacked per shape: 4 attention projections
+# (64×64) per block, and the up and (transposed) down projections (64×256).
+BLOCK_BATCHES = [(2 * DEPTH, WIDTH, 4 * WIDTH), (4 * DEPTH, WIDTH, WIDTH)]
+# ModelParallel on a (batch 2, model 4) mesh: attention heads and
+# feed-forward units are split over the model axis.
+MODEL_PARALLEL_LAYOUTS = {
+    "block.*_attention/(query|key|value)/kernel": (None, "model", None),
+    "block.*_attention/attention_output/kernel": ("model", None, None),
+    "block.*_up/kernel": (None, "model"),
+    "block.*_down/kernel": ("model", None),
+}
+
+
+def run_case(case, tmp_path, timeout=600):
+    output = tmp_path / f"{case}.json"
+    completed = subprocess.run(
+        [sys.executable, __file__, case, str(output)],
+        env=dict(os.environ, KERAS_BACKEND=BACKEND),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+def check_matches_one_device(result):
+    # Momentums are compared relative to their size: unlike the weights,
+    # they show a wrongly scaled gradient (msign ignores the scale).
+    assert result["max weight difference"] <= 1e-4, result
+    assert result["max momentum relative difference"] <= 1e-3, result
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+def test_jax_data_and_model_parallel_match_one_device(tmp_path):
+    result = run_case("jax", tmp_path)
+    assert result["devices"] == 8
+    for distribution in ("DataParallel", "ModelParallel"):
+        check_matches_one_device(result[distribution])
+
+    # DataParallel replicates every variable and its state on all devices.
+    for row in result["DataParallel"]["state"]:
+        assert row["state layout"] == row["variable layout"], row
+        assert set(row["state layout"]) == {None} and row["state devices"] == 8, row
+
+    # ModelParallel: state is sharded as its variable, kernels as the map says.
+    rows = result["ModelParallel"]["state"]
+    sharded = {}
+    for row in rows:
+        assert row["state layout"] == row["variable layout"], row
+        assert row["state devices"] == 8, row
+        if "model" in row["state layout"]:
+            sharded[row["variable"]] = tuple(row["state layout"])
+    expected = {
+        f"block{i}_{name}/kernel": layout
+        for i in range(DEPTH)
+        for name, layout in [
+            ("attention/query", (None, "model", None)),
+            ("attention/key", (None, "model", None)),
+            ("attention/value", (None, "model", None)),
+            ("attention/attention_output", ("model", None, None)),
+            ("up", (None, "model")),
+            ("down", ("model", None)),
+        ]
+    }
+    assert sharded == expected
+    # 16-bit variables keep a float32 state, with their layout.
+    for row in result["ModelParallel bfloat16 state"]:
+        assert row["state dtype"] == "float32"
+        assert row["state layout"] == row["variable layout"], row
+    assert {row["variable"] for row in result["ModelParallel bfloat16 state"]} == set(expected)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
+def test_tf_mirrored_strategy_matches_one_device(tmp_path):
+    result = run_case("tensorflow", tmp_path)
+    check_matches_one_device(result)
+    assert result["max difference between replicas"] == 0.0
+    for row in result["state"]:
+        assert row["class"] == "MirroredVariable" and len(row["devices"]) == 2, row
+    # One batched Newton–Schulz per block shape on each replica, per trace.
+    calls = result["newton_schulz calls"]
+    assert sorted(calls) == ["CPU:0", "CPU:1"]
+    traces = len(calls["CPU:0"]) // len(BLOCK_BATCHES)
+    assert traces >= 1
+    for shapes in calls.values():
+        assert sorted(map(tuple, shapes)) == sorted(BLOCK_BATCHES * traces)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="DistributedDataParallel runs on torch")
+def test_torch_distributed_data_parallel_matches_one_device(tmp_path):
+    result = run_case("torch", tmp_path)
+    check_matches_one_device(result)
+    assert result["max difference between processes"] == 0.0
+    # FSDP shards torch parameters that Keras layers never read: refused.
+    assert "sharded (torch FSDP)" in result["error under FSDP"]
+
+
+# What runs in the subprocess.
+
+
+def transformer():
+    sys.path.insert(0, str(ROOT / "examples"))
+    from char_transformer import char_transformer
+
+    return char_transformer(SEQUENCE, WIDTH, DEPTH, HEADS)
+
+
+def initial_weights_and_data():
+    keras.utils.set_random_seed(0)
+    weights = transformer().get_weights()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (STEPS * BATCH, SEQUENCE + 1)).astype("int32")
+    return weights, (tokens[:, :-1], tokens[:, 1:])
+
+
+def loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def fit(weights, data, scope=None):
+    """Trains the transformer with keras_muon.Muon under `scope` (a
+    distribution's, or none); returns the model and the optimizer."""
+    import contextlib
+
+    import keras_muon
+
+    with scope or contextlib.nullcontext():
+        model = transformer()
+        model.set_weights(weights)
+        optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
+        model.compile(optimizer=optimizer, loss=loss())
+        model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    return model, optimizer
+
+
+def muon_momentums(model, optimizer):
+    """{variable path: its momentum} for the variables routed to Muon."""
+    by_path = {v.path: v for v in optimizer.variables}
+    muon = [row["path"] for row in optimizer.routing_table() if row["route"] == "muon"]
+    assert len(muon) == 6 * DEPTH  # attention and feed-forward kernels
+    return {path: by_path[f"{optimizer.name}/{path.replace('/', '_')}_momentum"] for path in muon}
+
+
+def snapshot(model, optimizer):
+    """The weights and Muon momentums, as NumPy arrays by name."""
+    arrays = {f"weight {v.path}": v for v in model.trainable_variables}
+    for path, momentum in muon_momentums(model, optimizer).items():
+        arrays[f"momentum {path}"] = momentum
+    return {name: keras.ops.convert_to_numpy(v) for name, v in arrays.items()}
+
+
+def differences(reference, other):
+    """Largest weight difference, and largest momentum difference relative
+    to that momentum's largest entry, between two snapshots."""
+    weights = max(
+        float(np.max(np.abs(reference[k] - other[k]))) for k in reference if k.startswith("weight")
+    )
+    momentums = max(
+        float(np.max(np.abs(reference[k] - other[k])) / np.max(np.abs(reference[k])))
+        for k in reference
+        if k.startswith("momentum")
+    )
+    return {"max weight difference": weights, "max momentum relative difference": momentums}
+
+
+def jax_case():
+    import jax
+
+    import keras_muon
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    weights, data = initial_weights_and_data()
+    one_device = snapshot(*fit(weights, data))
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    for pattern, layout in MODEL_PARALLEL_LAYOUTS.items():
+        layout_map[pattern] = layout
+    distributions = {
+        "DataParallel": keras.distribution.DataParallel(devices=devices),
+        "ModelParallel": keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        ),
+    }
+    result = {"devices": len(devices)}
+    for name, distribution in distributions.items():
+        model, optimizer = fit(weights, data, distribution.scope())
+        result[name] = differences(one_device, snapshot(model, optimizer))
+        result[name]["state"] = state_layouts(model, optimizer)
+    keras.config.set_dtype_policy("bfloat16")
+    with distributions["ModelParallel"].scope():
+        model = transformer()
+        optimizer = keras_muon.Muon()
+        optimizer.attach(model)
+        optimizer.build(model.trainable_variables)
+    result["ModelParallel bfloat16 state"] = [
+        row for row in state_layouts(model, optimizer) if "model" in row["variable layout"]
+    ]
+    return result
+
+
+def state_layouts(model, optimizer):
+    """For each Muon variable's momentum: the variable's layout, its own
+    layout and dtype, and on how many devices it lives."""
+
+    def layout(variable):
+        spec = list(variable.value.sharding.spec)
+        return spec + [None] * (len(variable.shape) - len(spec))
+
+    variables = {v.path: v for v in model.trainable_variables}
+    return [
+        {
+            "variable": path,
+            "variable layout": layout(variables[path]),
+            "state layout": layout(momentum),
+            "state dtype": momentum.dtype,
+            "state devices": len(momentum.value.sharding.device_set),
+        }
+        for path, momentum in muon_momentums(model, optimizer).items()
+    ]
+
+
+def tensorflow_case():
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras_muon.optimizer
+
+    weights, data = initial_weights_and_data()
+    one_device = snapshot(*fit(weights, data))
+    calls = {}
+    newton_schulz = keras_muon.optimizer.newton_schulz
+
+    def recording_newton_schulz(x, *args):
+        calls.setdefault(x.device.split("device:")[-1], []).append(list(x.shape))
+        return newton_schulz(x, *args)
+
+    keras_muon.optimizer.newton_schulz = recording_newton_schulz
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    model, optimizer = fit(weights, data, strategy.scope())
+    result = differences(one_device, snapshot(model, optimizer))
+    result["newton_schulz calls"] = calls
+    result["max difference between replicas"] = max(
+        float(np.max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy())))
+        for v in model.variables + optimizer.variables
+    )
+    result["state"] = [
+        {
+            "path": v.path,
+            "class": type(v.value).__name__,
+            "devices": [c.device for c in v.value.values],
+        }
+        for v in optimizer.variables
+    ]
+    return result
+
+
+def torch_case():
+    import torch.multiprocessing
+
+    weights, data = initial_weights_and_data()
+    one_device = train_torch(weights, data)
+    outputs = [Path(sys.argv[2]).with_suffix(f".rank{rank}.npz") for rank in range(2)]
+    torch.multiprocessing.spawn(
+        torch_rank, args=(2, free_port(), weights, data, outputs), nprocs=2
+    )
+    ranks = [dict(np.load(path)) for path in outputs]
+    result = differences(one_device, ranks[0])
+    result["max difference between processes"] = max(
+        float(np.max(np.abs(ranks[0][k] - ranks[1][k]))) for k in ranks[0]
+    )
+    result["error under FSDP"] = error_under_fully_sharded_parameters(free_port())
+    return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_under_fully_sharded_parameters(port):
+    """What building keras_muon for a model under torch FSDP raises."""
+    import torch.distributed
+    from torch.distributed.fsdp import fully_shard
+
+    import keras_muon
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+    try:
+        model = transformer()
+        fully_shard(model)
+        optimizer = keras_muon.Muon()
+        optimizer.attach(model)
+        optimizer.build(model.trainable_variables)
+    except ValueError as error:
+        return str(error)
+    finally:
+        torch.distributed.destroy_process_group()
+    return None
+
+
+def train_torch(weights, data, rank=0, world_size=1):
+    """keras_muon in a torch training loop, under DistributedDataParallel
+    when `world_size > 1`: each process takes its slice of every batch,
+    DDP averages the gradients, and every process applies the same update.
+    Returns the final `snapshot`."""
+    import torch
+
+    import keras_muon
+
+    model = transformer()
+    model.set_weights(weights)
+    optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
+    optimizer.attach(model)
+    module = model
+    if world_size > 1:
+        module = torch.nn.parallel.DistributedDataParallel(model)
+    x, y = data
+    share = BATCH // world_size
+    for step in range(STEPS):
+        rows = slice(step * BATCH + rank * share, step * BATCH + (rank + 1) * share)
+        logits = module(torch.as_tensor(x[rows]))
+        model.zero_grad()
+        loss()(torch.as_tensor(y[rows]), logits).backward()
+        grads = [v.value.grad for v in model.trainable_variables]
+        optimizer.apply(grads, model.trainable_variables)
+    return snapshot(model, optimizer)
+
+
+def torch_rank(rank, world_size, port, weights, data, outputs):
+    import torch.distributed
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        np.savez(outputs[rank], **train_torch(weights, data, rank, world_size))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    case, output = sys.argv[1:]
+    cases = {"jax": jax_case, "tensorflow": tensorflow_case, "torch": torch_case}
+    Path(output).write_text(json.dumps(cases[case]()))
