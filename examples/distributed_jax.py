@@ -53,21 +53,22 @@ def layout_map(mesh):
     return layouts
 
 
-def distributions(model_axis, batch_size, validation_size):
+def distributions(args):
     """The runs: name → keras.distribution (None: one device)."""
     devices = keras.distribution.list_devices()
-    if len(devices) % model_axis:
+    if len(devices) % args.model_axis:
         raise ValueError(
-            f"--model-axis ({model_axis}) must divide the number of devices ({len(devices)})."
+            f"--model-axis ({args.model_axis}) must divide the number of devices ({len(devices)})."
         )
-    for flag, size in [("--batch-size", batch_size), ("--validation-size", validation_size)]:
-        if size % len(devices):
-            raise ValueError(
-                f"{flag} ({size}) must be a multiple of the number of devices "
-                f"({len(devices)}): data parallel gives each device an equal share."
-            )
+    for flag, size, divisor, name in [
+        ("--batch-size", args.batch_size, len(devices), "the number of devices"),
+        ("--validation-size", args.validation_size, len(devices), "the number of devices"),
+        ("--heads", args.heads, args.model_axis, "--model-axis"),
+    ]:
+        if size % divisor:
+            raise ValueError(f"{flag} ({size}) must be a multiple of {name} ({divisor}).")
     mesh = keras.distribution.DeviceMesh(
-        (len(devices) // model_axis, model_axis), ["batch", "model"], devices
+        (len(devices) // args.model_axis, args.model_axis), ["batch", "model"], devices
     )
     return {
         "1 device": None,
@@ -100,7 +101,7 @@ def argument_parser():
     parser.add_argument(
         "--model-axis", type=common.positive_int, default=2,
         help="devices along the model axis of the model parallel mesh; must "
-        "divide the number of devices, --heads and 4·--width (default 2)",
+        "divide the number of devices and --heads (default 2)",
     )
     return parser
 
@@ -115,8 +116,8 @@ def main(argv=None):
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     weights, data = char_transformer.initial_weights(args), char_transformer.text_data(args)
     peak = common.peak_learning_rate(OPTIMIZER, args.learning_rate)
-    runs, rows, final_weights = {}, [], {}
-    for name, distribution in distributions(args.model_axis, args.batch_size, args.validation_size).items():
+    runs, rows = {}, []
+    for name, distribution in distributions(args).items():
         print(f"\n{name}")
         with distribution.scope() if distribution else contextlib.nullcontext():
             model = common.compiled_model(
@@ -126,24 +127,26 @@ def main(argv=None):
             runs[name] = curves = common.fit_curves(
                 model, *data, args.steps, args.batch_size, args.eval_every
             )
-        final_weights[name] = model.get_weights()
-        if distribution is not None and "model" in distribution.device_mesh.axis_names:
+        trained = model.get_weights()
+        if distribution is None:
+            one_device = trained
+        elif "model" in distribution.device_mesh.axis_names:
             common.print_table(f"{name}: sharded variables (the others are replicated)",
                                sharded_variables(model))
-        one_device = next(iter(final_weights.values()))
         rows.append(
             {
                 "run": name,
                 "validation loss": curves["val_loss"][-1],
                 "max |Δweight| from 1 device": max(
-                    float(np.max(np.abs(a - b))) for a, b in zip(one_device, final_weights[name])
+                    float(np.max(np.abs(a - b))) for a, b in zip(one_device, trained)
                 ),
                 "fit seconds": curves["seconds"],
             }
         )
     title = (
         f"{OPTIMIZER}, char transformer, {args.steps} steps of "
-        f"{args.batch_size}×{args.sequence_length} bytes, {jax.devices()[0].platform}"
+        f"{args.batch_size}×{args.sequence_length} bytes, "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices"
     )
     common.print_table(title, rows)
     common.save_json(args.output, "distributed_jax", runs)

@@ -195,10 +195,13 @@ def test_distributed_jax(tmp_path):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution runs on JAX")
-def test_distributed_jax_rejects_a_model_axis_that_does_not_divide_the_devices(tmp_path):
+def test_distributed_jax_rejects_sizes_that_do_not_split_over_the_devices(tmp_path):
     completed = run_distributed_jax(tmp_path, "--model-axis", "3", "--steps", "1")
     assert completed.returncode != 0
     assert "--model-axis (3) must divide the number of devices (8)" in completed.stderr
     completed = run_distributed_jax(tmp_path, "--batch-size", "12", "--steps", "1")
     assert completed.returncode != 0
     assert "--batch-size (12) must be a multiple of the number of devices (8)" in completed.stderr
+    completed = run_distributed_jax(tmp_path, "--model-axis", "4", "--heads", "2", "--steps", "1")
+    assert completed.returncode != 0
+    assert "--heads (2) must be a multiple of --model-axis (4)" in completed.stderr
