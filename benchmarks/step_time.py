@@ -18,7 +18,9 @@ the rounds):
 - Newton–Schulz FLOPs per step, counted from each optimizer's routing, and
   the FLOP/s keras_muon's batched Newton–Schulz reaches next to the limit
   set by the same backend's batched matmul: the time of the matrix products
-  it performs, each timed alone on the same shapes.
+  it performs, each timed alone on the same shapes. keras_muon iterates in
+  `--ns-dtype` (float32 by default; bfloat16 on accelerators), and the
+  limit's products run in the same dtype.
 
 Prints the tables and writes <output>/step_time_<backend>.json.
 `--backend all` runs every backend in its own process.
@@ -56,6 +58,10 @@ def main(argv=None):
     parser.add_argument("--sequence-length", type=positive_int, default=128, help="tokens per sequence (default 128)")
     parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)")
     parser.add_argument("--steps", type=positive_int, default=4, help="train steps per timed round (default 4)")
+    parser.add_argument(
+        "--ns-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="keras_muon's Newton–Schulz dtype, its ns_dtype (default float32)",
+    )
     parser.add_argument("--output", type=Path, default=Path("results"), help="folder for the JSON (default ./results)")
     args = parser.parse_args(argv)
     if any(width % HEAD_SIZE for width in args.widths):
@@ -105,10 +111,11 @@ def measure_backend(args):
     result = {
         "backend": backend,
         "versions": versions(backend),
-        "machine": machine(),
+        "machine": machine(backend),
         "setting": (
             f"depth {args.depth}, batch {args.batch_size}×{args.sequence_length} "
-            f"tokens, {args.rounds} rounds of {args.steps} train steps"
+            f"tokens, {args.rounds} rounds of {args.steps} train steps, "
+            f"keras_muon Newton–Schulz in {args.ns_dtype}"
         ),
         "widths": {},
     }
@@ -125,7 +132,7 @@ def measure_backend(args):
         train_calls, update_calls = {}, {}
         for name in common.OPTIMIZERS:
             model = build()
-            optimizer = make_optimizer(name, model)
+            optimizer = make_optimizer(name, model, args.ns_dtype)
             model.compile(optimizer=optimizer, **char_transformer.LOSS)
             batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
 
@@ -135,7 +142,7 @@ def measure_backend(args):
 
             train()  # compiles
             train_calls[name] = train
-            update_calls[name] = update_call(name, model)
+            update_calls[name] = update_call(name, model, args.ns_dtype)
             rows[name] = {
                 "state bytes": state_bytes(optimizer),
                 "ns flops": ns_flops(optimizer, model),
@@ -147,7 +154,7 @@ def measure_backend(args):
             row["update seconds"] = update_seconds[name]
         result["widths"][width] = {
             "optimizers": rows,
-            "newton_schulz": ns_throughput(build(), args.rounds),
+            "newton_schulz": ns_throughput(build(), args.rounds, args.ns_dtype),
         }
         print_tables({**result, "widths": {width: result["widths"][width]}})
     args.output.mkdir(parents=True, exist_ok=True)
@@ -156,13 +163,13 @@ def measure_backend(args):
     print(f"\nwrote {path}")
 
 
-def make_optimizer(name, model):
+def make_optimizer(name, model, ns_dtype):
     import keras
 
     import keras_muon
 
     if name == "keras_muon.Muon":
-        optimizer = keras_muon.Muon(ns_steps=NS_STEPS)
+        optimizer = keras_muon.Muon(ns_steps=NS_STEPS, ns_dtype=ns_dtype)
         optimizer.attach(model)
         return optimizer
     if name == "keras.optimizers.Muon":
@@ -170,14 +177,14 @@ def make_optimizer(name, model):
     return keras.optimizers.AdamW()
 
 
-def update_call(name, model):
+def update_call(name, model, ns_dtype):
     """A function running one `apply` of a fresh optimizer `name` on fixed
     gradients, compiled as `fit` compiles its train step."""
     import keras
     import numpy as np
 
     variables = model.trainable_variables
-    optimizer = make_optimizer(name, model)
+    optimizer = make_optimizer(name, model, ns_dtype)
     optimizer.build(variables)
     rng = np.random.default_rng(1)
     grads = [
@@ -204,10 +211,10 @@ def update_call(name, model):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        step = tf.function(lambda: optimizer.apply(grads, variables), jit_compile=model.jit_compile)
+        step = synced(tf.function(lambda: optimizer.apply(grads, variables), jit_compile=model.jit_compile))
         step()
         return step
-    return lambda: optimizer.apply(grads, variables)
+    return synced(optimizer.apply, grads, variables)
 
 
 def interleaved_medians(calls, rounds):
@@ -241,7 +248,8 @@ def ns_flops(optimizer, model):
     if isinstance(optimizer, keras_muon.Muon):
         optimizer.build(model.trainable_variables)
         return sum(
-            row["num_blocks"] * newton_schulz_flops(*row["matrix_shape"], optimizer.ns_steps)
+            row["num_blocks"]
+            * newton_schulz_flops(*row["matrix_shape"], optimizer.ns_steps, optimizer.ns_dtype)
             for row in optimizer.routing_table()
             if row["route"] == "muon"
         )
@@ -257,7 +265,7 @@ def ns_flops(optimizer, model):
     return 0
 
 
-def ns_throughput(model, rounds):
+def ns_throughput(model, rounds, ns_dtype):
     """keras_muon's Newton–Schulz on its block groups of `model`, and the
     same matrix products alone (the limit), each compiled as `fit` does."""
     import keras
@@ -270,7 +278,7 @@ def ns_throughput(model, rounds):
     from keras_muon.newton_schulz import newton_schulz_flops
     from keras_muon.newton_schulz import newton_schulz_matmuls
 
-    optimizer = keras_muon.Muon(ns_steps=NS_STEPS)
+    optimizer = keras_muon.Muon(ns_steps=NS_STEPS, ns_dtype=ns_dtype)
     optimizer.attach(model)
     optimizer.build(model.trainable_variables)
     groups = {}
@@ -283,7 +291,7 @@ def ns_throughput(model, rounds):
     rng = np.random.default_rng(2)
     results = []
     for (r, c), blocks in groups.items():
-        wide, square = newton_schulz_matmuls(r, c, NS_STEPS)
+        wide, square = newton_schulz_matmuls(r, c, NS_STEPS, ns_dtype)
 
         def products(x, s, wide=wide, square=square):
             # The iteration's products without its other work. Orthonormal
@@ -301,9 +309,11 @@ def ns_throughput(model, rounds):
         x = rng.standard_normal((blocks, r, c))
         rows = np.linalg.qr(x.swapaxes(-1, -2))[0].swapaxes(-1, -2)
         s = np.linalg.qr(rng.standard_normal((blocks, r, r)))[0]
-        x, rows, s = (ops.convert_to_tensor(v.astype("float32")) for v in (x, rows, s))
+        # Momentums are float32; the iteration casts them to `ns_dtype`.
+        x = ops.convert_to_tensor(x.astype("float32"))
+        rows, s = (ops.convert_to_tensor(v.astype("float32"), ns_dtype) for v in (rows, s))
         calls = {
-            "newton_schulz": synced(compiled(lambda x: newton_schulz(x, schedule)), x),
+            "newton_schulz": synced(compiled(lambda x: newton_schulz(x, schedule, ns_dtype)), x),
             "products": synced(compiled(products), rows, s),
         }
         for call in calls.values():
@@ -313,7 +323,7 @@ def ns_throughput(model, rounds):
             {
                 "shape": [blocks, r, c],
                 "gram iteration": wide < 2 * NS_STEPS,
-                "flops": blocks * newton_schulz_flops(r, c, NS_STEPS),
+                "flops": blocks * newton_schulz_flops(r, c, NS_STEPS, ns_dtype),
                 "seconds": seconds["newton_schulz"],
                 "limit seconds": seconds["products"],
             }
@@ -338,16 +348,31 @@ def compiler(model):
 
 
 def synced(function, *inputs):
-    """`function(*inputs)` as a call that waits for the result. (Summing
-    the result in the compiled function instead would change it: XLA fuses
-    a product into the sum and computes it without its matmul kernel.)"""
+    """`function(*inputs)` as a call that returns once the device has
+    finished it. (Summing the result in the compiled function instead would
+    change it: XLA fuses a product into the sum and computes it without its
+    matmul kernel.)"""
     import keras
 
-    if keras.backend.backend() != "jax":
-        return lambda: function(*inputs)  # TF and torch run CPU ops synchronously
-    import jax
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
 
-    return lambda: jax.block_until_ready(function(*inputs))
+        return lambda: jax.block_until_ready(function(*inputs))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        wait = tf.test.experimental.sync_devices
+    else:
+        import torch
+
+        wait = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+
+    def call():
+        function(*inputs)
+        wait()
+
+    return call
 
 
 def print_tables(result):
@@ -393,7 +418,7 @@ def versions(backend):
     return f"Keras {keras.__version__}, {module} {__import__(module).__version__}"
 
 
-def machine():
+def machine(backend):
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -402,7 +427,26 @@ def machine():
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    cpu = f"{model}, {os.cpu_count()} cores"
+    gpu = accelerator(backend)
+    return f"{gpu} ({cpu})" if gpu else cpu
+
+
+def accelerator(backend):
+    """The name of the accelerator `backend` computes on, or None (CPU)."""
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return None if device.platform == "cpu" else device.device_kind
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return tf.config.experimental.get_device_details(gpus[0]).get("device_name") if gpus else None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import char_transformer  # noqa: E402
 import common  # noqa: E402
 import digits_convnet  # noqa: E402
 import keras_hub_gpt2  # noqa: E402
+import msign_accuracy  # noqa: E402
 import quality  # noqa: E402
 import step_time  # noqa: E402
 
@@ -165,6 +166,26 @@ def test_step_time_benchmark(tmp_path):
 def test_step_time_benchmark_rejects_widths_without_whole_heads(tmp_path):
     with pytest.raises(SystemExit):
         step_time.main(["--widths", "100", "--output", str(tmp_path)])
+
+
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_msign_accuracy_benchmark(ns_dtype):
+    rows = msign_accuracy.main(["--shape", "16", "48", "--matrices", "2", "--ns-dtype", ns_dtype])
+    assert len(rows) == 2 * len(msign_accuracy.SCHEDULES) * len(msign_accuracy.STEPS)
+    # 16×48 is 3:1, iterated on its Gram matrix in float32 only.
+    assert {row["iteration"] for row in rows} == {"gram" if ns_dtype == "float32" else "plain"}
+    polar_express_8 = [r for r in rows if r["schedule"] == "polar_express" and r["steps"] == 8]
+    # Converged: σ ≈ 1 to the iteration's precision (bfloat16 rounds each
+    # product to 8 significant bits, 4e-3). In float32 the result is also
+    # U·Vᵀ; in bfloat16 the directions of σ ≈ 1e-3 drown in round-off.
+    tolerance = 1e-4 if ns_dtype == "float32" else 1e-2
+    for row in polar_express_8:
+        assert abs(row["sigma min"] - 1) < tolerance and abs(row["sigma max"] - 1) < tolerance, row
+        if ns_dtype == "float32":
+            assert row["max error"] < tolerance, row
+    # Jordan's quintic never converges: its σ stay in about [0.7, 1.2].
+    jordan = [r for r in rows if r["schedule"] == "jordan" and r["steps"] == 8]
+    assert all(r["sigma max"] > 1.1 for r in jordan), jordan
 
 
 def run_distributed_jax(tmp_path, *flags):
