@@ -1,5 +1,6 @@
 import math
 import numbers
+import sys
 import weakref
 
 import keras
@@ -210,7 +211,7 @@ class Muon(keras.optimizers.Optimizer):
         model = self._attached_model() if self._attached_model else None
         if model is None:
             model = routing.find_model(self, var_list)
-        _reject_fully_sharded_torch_parameters(model)
+        _reject_fsdp_parameters(model)
         super().build(var_list)
         routes = routing.route_variables(
             var_list, model, self.per_head, self._exclude_patterns
@@ -269,7 +270,7 @@ class Muon(keras.optimizers.Optimizer):
         strategy = _tf_distribution_strategy()
         if strategy is None:
             self._update(grads, trainable_variables, learning_rate)
-        elif _mirrors_every_variable(strategy):
+        elif _is_mirrored_strategy(strategy):
             self._mirrored_update(grads, trainable_variables, learning_rate)
         else:
             # Other strategies place variables on devices of their own:
@@ -287,6 +288,12 @@ class Muon(keras.optimizers.Optimizer):
         grads = [g for g, _ in self._all_reduce_sum_gradients(list(zip(grads, variables)))]
 
         def update_replicas(strategy, grads, learning_rate):
+            if not tf.distribute.in_cross_replica_context():
+                # The strategy runs without merge_call (XLA-compiled steps
+                # on GPUs), so this already runs once per replica, where
+                # assigning a mirrored variable writes that replica's copy.
+                self._update(grads, variables, learning_rate)
+                return
             # In the update context of replica i, reading or assigning a
             # mirrored variable (optimizer state included) reaches copy i.
             strategy.extended.update_non_slot(
@@ -524,26 +531,35 @@ def _tf_distribution_strategy():
     return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
 
 
-def _mirrors_every_variable(strategy):
+def _is_mirrored_strategy(strategy):
     import tensorflow as tf
 
     return isinstance(strategy, tf.distribute.MirroredStrategy)
 
 
-def _reject_fully_sharded_torch_parameters(model):
-    """Raises if torch FSDP (`fully_shard`) has replaced `model`'s
-    parameters by shards: Keras layers compute with their own, unsharded
-    variables, so each process would train its own copy, silently."""
+def _reject_fsdp_parameters(model):
+    """Raises if torch FSDP has replaced `model`'s torch parameters, by
+    shards (`fully_shard`) or by one flat parameter
+    (`FullyShardedDataParallel`): Keras layers compute with their own
+    variables, so each process would silently train its own copy."""
     if model is None or keras.backend.backend() != "torch":
         return
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    # A program using FSDP has imported the modules of both types.
+    fsdp_types = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in [
+            ("torch.distributed.tensor", "DTensor"),
+            ("torch.distributed.fsdp", "FlatParameter"),
+        ]
+        if module in sys.modules
+    )
+    if any(isinstance(p, fsdp_types) for p in model.parameters()):
         raise ValueError(
-            "This model's torch parameters are sharded (torch FSDP). Keras "
-            "layers do not compute with FSDP's shards, so processes would "
-            "not be synchronized. Use torch DistributedDataParallel, or the "
-            "JAX backend's keras.distribution.ModelParallel to shard."
+            "This model's torch parameters were replaced by torch FSDP. "
+            "Keras layers compute with their own variables, not FSDP's "
+            "shards or flat parameters, so processes would not be "
+            "synchronized. Use torch DistributedDataParallel, or the JAX "
+            "backend's keras.distribution.ModelParallel to shard."
         )
 
 

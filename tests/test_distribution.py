@@ -2,12 +2,12 @@
 
 A small transformer is trained a few steps on one device and distributed:
 with keras.distribution (DataParallel and ModelParallel) on 8 simulated CPU
-devices on JAX, with tf.distribute.MirroredStrategy on 2 logical CPU
-devices on TensorFlow, and with torch DistributedDataParallel over 2
-processes on torch. Devices must be set up before the backend starts, so
-each case runs this file as a script in a subprocess (`python
-test_distribution.py <case> <output folder>`), which writes what it
-measured to JSON; the tests check it.
+devices on JAX, with tf.distribute strategies on 2 logical CPU devices on
+TensorFlow, and with torch DistributedDataParallel over 2 processes on
+torch. Devices must be set up before the backend starts, so each case runs
+this file as a script in a subprocess (`python test_distribution.py
+<backend>[:<strategy>] <output file>`), which writes what it measured to
+JSON; the tests check it.
 """
 
 import json
@@ -29,18 +29,24 @@ LEARNING_RATE = 0.02
 # Muon's blocks in this model, stacked per shape: 4 attention projections
 # (64×64) per block, and the up and (transposed) down projections (64×256).
 BLOCK_BATCHES = [(2 * DEPTH, WIDTH, 4 * WIDTH), (4 * DEPTH, WIDTH, WIDTH)]
+# MirroredStrategy with merge_call (the default) and without it, as it runs
+# XLA-compiled steps on GPUs; OneDeviceStrategy stands for the others.
+TF_STRATEGIES = ["MirroredStrategy", "MirroredStrategy without merge_call", "OneDeviceStrategy"]
 # ModelParallel on a (batch 2, model 4) mesh: attention heads and
-# feed-forward units are split over the model axis.
+# feed-forward units (Muon), embedding features and the LM head's vocabulary
+# (AdamW) are split over the model axis.
 MODEL_PARALLEL_LAYOUTS = {
     "block.*_attention/(query|key|value)/kernel": (None, "model", None),
     "block.*_attention/attention_output/kernel": ("model", None, None),
     "block.*_up/kernel": (None, "model"),
     "block.*_down/kernel": ("model", None),
+    "token_embedding/embeddings": (None, "model"),
+    "lm_head/kernel": (None, "model"),
 }
 
 
 def run_case(case, tmp_path, timeout=600):
-    output = tmp_path / f"{case}.json"
+    output = tmp_path / "result.json"
     completed = subprocess.run(
         [sys.executable, __file__, case, str(output)],
         env=dict(os.environ, KERAS_BACKEND=BACKEND),
@@ -71,15 +77,16 @@ def test_jax_data_and_model_parallel_match_one_device(tmp_path):
         assert row["state layout"] == row["variable layout"], row
         assert set(row["state layout"]) == {None} and row["state devices"] == 8, row
 
-    # ModelParallel: state is sharded as its variable, kernels as the map says.
-    rows = result["ModelParallel"]["state"]
+    # ModelParallel: state is sharded as its variable, variables as the map
+    # says: a momentum per Muon kernel, a momentum and a velocity per AdamW
+    # variable.
     sharded = {}
-    for row in rows:
+    for row in result["ModelParallel"]["state"]:
         assert row["state layout"] == row["variable layout"], row
         assert row["state devices"] == 8, row
         if "model" in row["state layout"]:
-            sharded[row["variable"]] = tuple(row["state layout"])
-    expected = {
+            sharded[row["variable"], row["state"]] = tuple(row["state layout"])
+    muon_kernels = {
         f"block{i}_{name}/kernel": layout
         for i in range(DEPTH)
         for name, layout in [
@@ -91,23 +98,32 @@ def test_jax_data_and_model_parallel_match_one_device(tmp_path):
             ("down", ("model", None)),
         ]
     }
+    adamw = {"token_embedding/embeddings": (None, "model"), "lm_head/kernel": (None, "model")}
+    expected = {(path, "momentum"): layout for path, layout in {**muon_kernels, **adamw}.items()}
+    expected.update({(path, "velocity"): layout for path, layout in adamw.items()})
     assert sharded == expected
     # 16-bit variables keep a float32 state, with their layout.
-    for row in result["ModelParallel bfloat16 state"]:
+    rows = result["ModelParallel bfloat16 state"]
+    for row in rows:
         assert row["state dtype"] == "float32"
         assert row["state layout"] == row["variable layout"], row
-    assert {row["variable"] for row in result["ModelParallel bfloat16 state"]} == set(expected)
+    assert {(row["variable"], row["state"]) for row in rows} == set(expected)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
-def test_tf_mirrored_strategy_matches_one_device(tmp_path):
-    result = run_case("tensorflow", tmp_path)
+@pytest.mark.parametrize("strategy", TF_STRATEGIES)
+def test_tf_strategy_matches_one_device(tmp_path, strategy):
+    result = run_case(f"tensorflow:{strategy}", tmp_path)
     check_matches_one_device(result)
+    calls = result["newton_schulz calls"]
+    if strategy == "OneDeviceStrategy":
+        # Updates one variable at a time, where it lives.
+        assert list(calls) == ["CPU:1"] and len(calls["CPU:1"]) % (6 * DEPTH) == 0, calls
+        return
     assert result["max difference between replicas"] == 0.0
     for row in result["state"]:
         assert row["class"] == "MirroredVariable" and len(row["devices"]) == 2, row
     # One batched Newton–Schulz per block shape on each replica, per trace.
-    calls = result["newton_schulz calls"]
     assert sorted(calls) == ["CPU:0", "CPU:1"]
     traces = len(calls["CPU:0"]) // len(BLOCK_BATCHES)
     assert traces >= 1
@@ -120,8 +136,11 @@ def test_torch_distributed_data_parallel_matches_one_device(tmp_path):
     result = run_case("torch", tmp_path)
     check_matches_one_device(result)
     assert result["max difference between processes"] == 0.0
-    # FSDP shards torch parameters that Keras layers never read: refused.
-    assert "sharded (torch FSDP)" in result["error under FSDP"]
+    # FSDP replaces torch parameters by ones Keras layers never read:
+    # refused, for both of its versions.
+    assert sorted(result["errors under FSDP"]) == ["FullyShardedDataParallel", "fully_shard"]
+    for error in result["errors under FSDP"].values():
+        assert error is not None and "torch FSDP" in error
 
 
 # What runs in the subprocess.
@@ -229,27 +248,36 @@ def jax_case():
 
 
 def state_layouts(model, optimizer):
-    """For each Muon variable's momentum: the variable's layout, its own
-    layout and dtype, and on how many devices it lives."""
+    """For each state variable of each trainable variable (a momentum, and
+    for AdamW a velocity): the variable's layout, the state's own layout
+    and dtype, and on how many devices it lives."""
 
     def layout(variable):
         spec = list(variable.value.sharding.spec)
         return spec + [None] * (len(variable.shape) - len(spec))
 
-    variables = {v.path: v for v in model.trainable_variables}
-    return [
-        {
-            "variable": path,
-            "variable layout": layout(variables[path]),
-            "state layout": layout(momentum),
-            "state dtype": momentum.dtype,
-            "state devices": len(momentum.value.sharding.device_set),
-        }
-        for path, momentum in muon_momentums(model, optimizer).items()
-    ]
+    states = {v.path: v for v in optimizer.variables}
+    rows = []
+    for variable in model.trainable_variables:
+        for kind in ("momentum", "velocity"):
+            state = states.get(f"{optimizer.name}/{variable.path.replace('/', '_')}_{kind}")
+            if state is not None:
+                rows.append(
+                    {
+                        "variable": variable.path,
+                        "state": kind,
+                        "variable layout": layout(variable),
+                        "state layout": layout(state),
+                        "state dtype": state.dtype,
+                        "state devices": len(state.value.sharding.device_set),
+                    }
+                )
+    return rows
 
 
-def tensorflow_case():
+def tensorflow_case(strategy_name):
+    """Training under one of TF_STRATEGIES (each in its own process: two
+    MirroredStrategy instances in one process mix up their collectives)."""
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -268,22 +296,28 @@ def tensorflow_case():
         return newton_schulz(x, *args)
 
     keras_muon.optimizer.newton_schulz = recording_newton_schulz
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    if strategy_name == "OneDeviceStrategy":
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:1")
+    else:
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        if strategy_name.endswith("without merge_call"):
+            strategy.extended._use_merge_call = lambda: False
     model, optimizer = fit(weights, data, strategy.scope())
     result = differences(one_device, snapshot(model, optimizer))
     result["newton_schulz calls"] = calls
-    result["max difference between replicas"] = max(
-        float(np.max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy())))
-        for v in model.variables + optimizer.variables
-    )
-    result["state"] = [
-        {
-            "path": v.path,
-            "class": type(v.value).__name__,
-            "devices": [c.device for c in v.value.values],
-        }
-        for v in optimizer.variables
-    ]
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        result["max difference between replicas"] = max(
+            float(np.max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy())))
+            for v in model.variables + optimizer.variables
+        )
+        result["state"] = [
+            {
+                "path": v.path,
+                "class": type(v.value).__name__,
+                "devices": [c.device for c in v.value.values],
+            }
+            for v in optimizer.variables
+        ]
     return result
 
 
@@ -301,7 +335,7 @@ def torch_case():
     result["max difference between processes"] = max(
         float(np.max(np.abs(ranks[0][k] - ranks[1][k]))) for k in ranks[0]
     )
-    result["error under FSDP"] = error_under_fully_sharded_parameters(free_port())
+    result["errors under FSDP"] = errors_under_fsdp(free_port())
     return result
 
 
@@ -311,27 +345,39 @@ def free_port():
         return s.getsockname()[1]
 
 
-def error_under_fully_sharded_parameters(port):
-    """What building keras_muon for a model under torch FSDP raises."""
+def errors_under_fsdp(port):
+    """What building keras_muon raises for a model under each version of
+    torch FSDP (None: nothing)."""
     import torch.distributed
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp import fully_shard
 
     import keras_muon
 
+    wrappers = {
+        "fully_shard": fully_shard,
+        "FullyShardedDataParallel": lambda model: FullyShardedDataParallel(
+            model, device_id=torch.device("cpu")
+        ),
+    }
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
     )
+    errors = {}
     try:
-        model = transformer()
-        fully_shard(model)
-        optimizer = keras_muon.Muon()
-        optimizer.attach(model)
-        optimizer.build(model.trainable_variables)
-    except ValueError as error:
-        return str(error)
+        for name, wrap in wrappers.items():
+            model = transformer()
+            wrap(model)
+            optimizer = keras_muon.Muon()
+            optimizer.attach(model)
+            try:
+                optimizer.build(model.trainable_variables)
+                errors[name] = None
+            except ValueError as error:
+                errors[name] = str(error)
     finally:
         torch.distributed.destroy_process_group()
-    return None
+    return errors
 
 
 def train_torch(weights, data, rank=0, world_size=1):
@@ -349,6 +395,9 @@ def train_torch(weights, data, rank=0, world_size=1):
     optimizer.attach(model)
     module = model
     if world_size > 1:
+        # DDP averages the gradients of these only: all of them, here.
+        registered = {id(p) for p in model.parameters()}
+        assert all(id(v.value) in registered for v in model.trainable_variables)
         module = torch.nn.parallel.DistributedDataParallel(model)
     x, y = data
     share = BATCH // world_size
@@ -376,5 +425,7 @@ def torch_rank(rank, world_size, port, weights, data, outputs):
 
 if __name__ == "__main__":
     case, output = sys.argv[1:]
+    backend, _, option = case.partition(":")
     cases = {"jax": jax_case, "tensorflow": tensorflow_case, "torch": torch_case}
-    Path(output).write_text(json.dumps(cases[case]()))
+    arguments = [option] if option else []
+    Path(output).write_text(json.dumps(cases[backend](*arguments)))
