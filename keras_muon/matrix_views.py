@@ -160,6 +160,12 @@ def register_layer_rule(layer_type, rule):
     _RULES[layer_type] = rule
 
 
+def register_default_rule(layer_type, rule):
+    """Like `register_layer_rule`, but keeps a rule already registered for
+    `layer_type`: for the rules keras_muon declares for other libraries."""
+    _RULES.setdefault(layer_type, rule)
+
+
 def route_by_layer(layer, variable, per_head):
     """The route of `variable`, created by `layer`, from the layer's type.
 
@@ -211,24 +217,29 @@ def _dense_route(variable, reason):
     return Route(view, reason)
 
 
-def _not_a_matrix(layer, variable):
+def not_a_matrix(layer, variable):
     name = type(layer).__name__
-    if variable.name == "bias":
-        return Route(None, f"{name} bias")
+    if variable.name == "bias" or variable.name.endswith("_bias"):
+        return Route(None, f"{name} {variable.name}")
     if len(variable.shape) <= 1:
         return Route(None, f"{name} {len(variable.shape)}-D variable")
+    if variable.name.startswith("lora_"):
+        # The two factors of a low-rank update to a frozen matrix: see
+        # "LoRA" in docs/routing.md for why they stay on AdamW.
+        rank = min(variable.shape)
+        return Route(None, f"{name} {variable.name}: LoRA factor of rank {rank}")
     return Route(None, f"{name} {variable.name}: not a weight matrix")
 
 
 def _dense_rule(layer, variable, per_head):
     if _is_kernel(variable):
         return _dense_route(variable, "Dense kernel")
-    return _not_a_matrix(layer, variable)
+    return not_a_matrix(layer, variable)
 
 
 def _einsum_dense_rule(layer, variable, per_head):
     if not _is_kernel(variable):
-        return _not_a_matrix(layer, variable)
+        return not_a_matrix(layer, variable)
     equation = layer.equation.replace(" ", "").replace("...", "")
     match = re.fullmatch(r"(\w*),(\w*)->(\w*)", equation)
     if not match or len(match.group(2)) != len(variable.shape):
@@ -277,7 +288,11 @@ def _concatenated_outputs_view(shape, parts):
 def _conv_rule(layer, variable, per_head):
     # kernel (k..., c_in/groups, c_out); group g owns c_out[g·n:(g+1)·n].
     if not _is_kernel(variable):
-        return _not_a_matrix(layer, variable)
+        return not_a_matrix(layer, variable)
+    if variable.shape[-2] == 1 and variable.shape[-1] == layer.groups:
+        # One channel in, one out per group (ConvNeXt's depthwise Conv2D):
+        # each block is one filter, a vector, as in DepthwiseConv2D.
+        return Route(None, f"{type(layer).__name__} depthwise kernel (groups=channels)")
     view = _concatenated_outputs_view(variable.shape, layer.groups)
     return Route(view, f"{type(layer).__name__} kernel")
 
@@ -285,7 +300,7 @@ def _conv_rule(layer, variable, per_head):
 def _conv_transpose_rule(layer, variable, per_head):
     # kernel (k..., c_out, c_in): reads c_in, writes k·c_out.
     if not _is_kernel(variable):
-        return _not_a_matrix(layer, variable)
+        return not_a_matrix(layer, variable)
     rank = len(variable.shape) - 2
     view = MatrixView.from_axes(
         variable.shape, inputs=(rank + 1,), outputs=range(rank + 1)
@@ -303,13 +318,13 @@ def _separable_conv_rule(layer, variable, per_head):
         return Route(view, f"{type(layer).__name__} pointwise kernel")
     if variable.name == "depthwise_kernel":
         return Route(None, f"{type(layer).__name__} depthwise kernel")
-    return _not_a_matrix(layer, variable)
+    return not_a_matrix(layer, variable)
 
 
 def _depthwise_conv_rule(layer, variable, per_head):
     if _is_kernel(variable):
         return Route(None, f"{type(layer).__name__} depthwise kernel")
-    return _not_a_matrix(layer, variable)
+    return not_a_matrix(layer, variable)
 
 
 def _recurrent_rule(gates):
@@ -318,11 +333,20 @@ def _recurrent_rule(gates):
         # (k..., units, gates·units) concatenate one matrix per gate on the
         # last axis; k... are the kernel axes of a ConvLSTM.
         if variable.name not in ("kernel", "recurrent_kernel"):
-            return _not_a_matrix(layer, variable)
+            return not_a_matrix(layer, variable)
         view = _concatenated_outputs_view(variable.shape, gates)
         return Route(view, f"{type(layer).__name__} {variable.name}")
 
     return rule
+
+
+def _wrapper_rule(layer, variable, per_head):
+    # A wrapper (`SpectralNormalization`, ...) can hold the wrapped layer's
+    # variables as its own: they are routed as the wrapped layer routes them.
+    for owner in layer.layer._flatten_layers(include_self=True):
+        if any(v is variable for v in owner._trainable_variables):
+            return route_by_layer(owner, variable, per_head)
+    return not_a_matrix(layer, variable)
 
 
 def _adamw_rule(kind):
@@ -352,6 +376,7 @@ _RULES.update(
         keras.layers.GRUCell: _recurrent_rule(gates=3),
         keras.layers.SimpleRNNCell: _recurrent_rule(gates=1),
         ConvLSTMCell: _recurrent_rule(gates=4),
+        keras.layers.Wrapper: _wrapper_rule,
         keras.layers.BatchNormalization: _NORMALIZATION,
         keras.layers.LayerNormalization: _NORMALIZATION,
         keras.layers.GroupNormalization: _NORMALIZATION,

@@ -248,7 +248,7 @@ class Muon(keras.optimizers.Optimizer):
         return self.add_variable(
             shape=variable.shape,
             dtype="float32",
-            name=f"{variable.path.replace('/', '_')}_{name}",
+            name=f"{routing.variable_path(variable).replace('/', '_')}_{name}",
             layout=getattr(variable, "_layout", None),
         )
 
@@ -284,7 +284,8 @@ class Muon(keras.optimizers.Optimizer):
         batched update on its own copy of every variable."""
         import tensorflow as tf
 
-        variables = [v.value for v in variables]
+        # The backend variables: a raw `tf.Variable` is one already.
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
         grads = [g for g, _ in self._all_reduce_sum_gradients(list(zip(grads, variables)))]
 
         def update_replicas(strategy, grads, learning_rate):
@@ -401,7 +402,7 @@ class Muon(keras.optimizers.Optimizer):
                 # The state layout follows the routes (AdamW variables have
                 # a velocity): loading across routes would mix moments up.
                 differing = [
-                    v.path
+                    routing.variable_path(v)
                     for v, a, b in zip(self._trainable_variables, saved, current)
                     if a != b
                 ]
@@ -437,7 +438,7 @@ class Muon(keras.optimizers.Optimizer):
             view = route.view
             rows.append(
                 {
-                    "path": variable.path,
+                    "path": routing.variable_path(variable),
                     "shape": tuple(variable.shape),
                     "route": route.name,
                     "reason": route.reason,

@@ -8,10 +8,13 @@ on the call stack. In a custom training loop, `Muon.attach(model)` names it.
 
 import re
 import sys
+import warnings
 
 import keras
 from keras import tree
+from keras.src import backend as keras_backend  # compute_output_spec
 
+from keras_muon import keras_hub_rules
 from keras_muon.matrix_views import Route
 from keras_muon.matrix_views import route_by_layer
 from keras_muon.matrix_views import route_without_layer
@@ -82,12 +85,15 @@ def route_variables(variables, model, per_head=False, exclude_layers=()):
     Returns:
         A list of `Route`, aligned with `variables`.
     """
+    if "keras_hub" in sys.modules:
+        keras_hub_rules.register()
     owners = _owners(model) if model is not None else {}
     trained = {id(v) for v in variables}
     heads = _output_heads(model, trained) if model is not None else {}
     routes = []
     for variable in variables:
-        excluded = [p.pattern for p in exclude_layers if p.search(variable.path)]
+        path = variable_path(variable)
+        excluded = [p.pattern for p in exclude_layers if p.search(path)]
         if excluded:
             routes.append(Route(None, f"exclude_layers {excluded[0]!r}"))
         elif id(variable) in heads:
@@ -97,6 +103,12 @@ def route_variables(variables, model, per_head=False, exclude_layers=()):
         else:
             routes.append(route_without_layer(variable))
     return routes
+
+
+def variable_path(variable):
+    """The path of a Keras variable, or the name of a backend variable
+    (a raw `tf.Variable`), which has no path."""
+    return getattr(variable, "path", None) or variable.name
 
 
 def _route_shared(variable, layers, per_head):
@@ -122,23 +134,16 @@ def _output_heads(model, trained):
     `trained` holds the ids of the variables being trained: a guess looks
     only at layers that own some.
     """
-    outputs = _symbolic_outputs(model)
-    if outputs is None:
-        found = _guessed_heads(model, trained)
-    else:
-        found = _layers_producing(outputs, trained)
-    heads = {}
-    for layer, container in found:
-        described = f"{type(layer).__name__} '{layer.name}'"
-        if container is None:
-            reason = f"output head ({described})"
+    with _GraphRestored() as graph:
+        walk = _HeadWalk(trained, graph)
+        outputs = _symbolic_outputs(model)
+        if outputs is None:
+            outputs = graph.trace_model(model)
+        if outputs is None:
+            walk.guess(model)
         else:
-            reason = (
-                f"output head (guessed: {described}, the last projection "
-                f"of {type(container).__name__} '{container.name}')"
-            )
-        heads.update((id(v), reason) for v in layer.trainable_variables)
-    return heads
+            walk.run(outputs)
+        return walk.heads
 
 
 def _symbolic_outputs(model):
@@ -150,42 +155,173 @@ def _symbolic_outputs(model):
     return outputs or None
 
 
-def _layers_producing(outputs, trained):
-    """`(layer, container)` for each layer whose outputs are `outputs`.
+# Operations that contract their operands: one with a constant matrix
+# operand multiplies by weights computed outside the graph.
+_CONTRACTIONS = ("Matmul", "Einsum", "Dot", "Tensordot", "Inner")
 
-    Walks back through operations that do not mix features (no weights, or
-    0-D/1-D weights only: activations, dropout, reshapes, pooling,
-    normalization) and into nested models, following only the output they
-    return. Through a merge (`Add`, `Concatenate`, ...) it follows every
-    input but skip connections: an input that also feeds another input of
-    the merge. `container` is None when the layer is known to be the head,
-    or the layer whose last projection was guessed.
+
+class _HeadWalk:
+    """Finds the layers and variables that produce a model's outputs.
+
+    Walks back from the outputs through operations that do not mix
+    features (no weights, or 0-D/1-D weights only: activations, dropout,
+    reshapes, pooling, normalization) and into nested models, following
+    only the output they return. Through a merge (`Add`, `Concatenate`,
+    ...) it follows every input but skip connections: an input that also
+    feeds another input of the merge. Tensors that are not floating point
+    (masks, indices) carry no prediction and are not followed.
+
+    The walk ends at:
+    - a layer with matrix weights and no sub-layers: the head;
+    - an operation that takes a variable of 2 or more dimensions (the
+      logits of a tied embedding, `ops.einsum("btd,vd->btv", x, table)`):
+      that variable is the head;
+    - a contraction with a constant matrix (`ops.matmul(x,
+      ops.transpose(table))` evaluated outside the graph): the head's
+      weights are not a layer's, so nothing is a head there.
+    A layer with sub-layers, or a custom layer without weights, is traced:
+    its `call` is run on symbolic stand-ins for the arguments of its node,
+    and the walk goes on through the operations it really performs. If
+    tracing fails, a composite layer's head is guessed (`guess`).
     """
-    found = []
-    visited = set()
-    pending = list(tree.flatten(outputs))
-    while pending:
-        history = getattr(pending.pop(), "_keras_history", None)
-        if history is None:
-            continue
-        operation, node_index, tensor_index = history
-        if (id(operation), node_index, tensor_index) in visited:
-            continue
-        visited.add((id(operation), node_index, tensor_index))
+
+    def __init__(self, trained, graph):
+        self.trained = trained
+        self.graph = graph
+        self.heads = {}
+
+    def run(self, outputs):
+        """Walks back from `outputs`, recording the heads found."""
+        # Keyed by id, holding the operation: a traced operation freed
+        # during the walk would otherwise leave its id to another.
+        visited = {}
+        pending = list(tree.flatten(outputs))
+        while pending:
+            tensor = self.graph.outer_tensor(pending.pop())
+            if not _carries_prediction(tensor):
+                continue
+            operation, node_index, tensor_index = tensor._keras_history
+            if (id(operation), node_index, tensor_index) in visited:
+                continue
+            visited[id(operation), node_index, tensor_index] = operation
+            node = operation._inbound_nodes[node_index]
+            pending.extend(self._visit(operation, node, tensor_index))
+
+    def _visit(self, operation, node, tensor_index):
+        """Records the heads `operation` ends in; returns the tensors to
+        follow from its output `tensor_index`."""
         nested_outputs = _symbolic_outputs(operation)
         if nested_outputs is not None:
-            pending.append(tree.flatten(nested_outputs)[tensor_index])
-        elif _mixes_features(operation):
-            guessed = _guessed_heads(operation, trained) if operation._layers else []
-            found.extend(guessed or [(operation, None)])
+            return [tree.flatten(nested_outputs)[tensor_index]]
+        matrices = [
+            arg
+            for arg in tree.flatten((node.arguments.args, node.arguments.kwargs))
+            if isinstance(arg, keras.Variable) and len(arg.shape) > 1
+        ]
+        if matrices:
+            name = type(operation).__name__
+            for variable in matrices:
+                reason = f"output head ({name} with {variable_path(variable)})"
+                self.heads[id(variable)] = reason
+            return []
+        if type(operation).__name__ in _CONTRACTIONS and _has_constant_matrix(node):
+            return []
+        if _should_trace(operation):
+            traced = self.graph.trace_call(operation, node)
+            if traced is not None:
+                return [tree.flatten(traced)[tensor_index]]
+            if not operation.weights and not _computes_floats(operation, node, tensor_index):
+                return []
+        if not _mixes_features(operation):
+            inputs = [t for t in node.input_tensors if _carries_prediction(t)]
+            return _without_skip_connections(inputs)
+        if not (operation._layers and self.guess(operation)):
+            self._add_head(operation)
+        return []
+
+    def _add_head(self, layer, container=None):
+        described = f"{type(layer).__name__} '{layer.name}'"
+        if container is None:
+            reason = f"output head ({described})"
         else:
-            node = operation._inbound_nodes[node_index]
-            pending.extend(_without_skip_connections(tree.flatten(node.input_tensors)))
-    return found
+            reason = (
+                f"output head (guessed: {described}, the last projection "
+                f"of {type(container).__name__} '{container.name}')"
+            )
+        self.heads.update((id(v), reason) for v in layer.trainable_variables)
+
+    def guess(self, container):
+        """Best guess at the output head of a layer that cannot be traced.
+
+        Goes through the sub-layers in attribute order from the last,
+        skipping those that own no trained variable, and takes the first
+        that has a Muon matrix, descending into containers; a functional
+        sub-model answers from its own outputs. Returns whether a head was
+        found.
+        """
+        for child in reversed(container._layers):
+            if not self.trained & {id(v) for v in child.trainable_variables}:
+                continue
+            outputs = _symbolic_outputs(child)
+            if outputs is not None:
+                self.run(outputs)
+                return True
+            if any(
+                id(v) in self.trained
+                and route_by_layer(child, v, per_head=False).view is not None
+                for v in child._trainable_variables
+            ):
+                self._add_head(child, container)
+                return True
+            if self.guess(child):
+                return True
+        return False
+
+
+def _carries_prediction(tensor):
+    """Whether `tensor` is symbolic and floating point: masks and indices
+    are not predictions."""
+    return getattr(tensor, "_keras_history", None) is not None and (
+        keras.backend.is_float_dtype(tensor.dtype)
+    )
+
+
+def _computes_floats(layer, node, tensor_index):
+    """Whether output `tensor_index` of `layer` at `node` really is floating
+    point: a layer that declares only its output shape gets its compute
+    dtype declared, whatever its `call` returns (a boolean mask)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec = keras_backend.compute_output_spec(
+                layer.call, *node.arguments.args, **node.arguments.kwargs
+            )
+    except Exception:  # any failure of user code: trust the declaration
+        return True
+    return keras.backend.is_float_dtype(tree.flatten(spec)[tensor_index].dtype)
+
+
+def _has_constant_matrix(node):
+    return any(
+        not isinstance(arg, keras.KerasTensor) and len(getattr(arg, "shape", ())) > 1
+        for arg in tree.flatten(node.arguments.args)
+    )
 
 
 def _mixes_features(operation):
     return any(len(w.shape) > 1 for w in getattr(operation, "weights", ()))
+
+
+def _should_trace(operation):
+    """Whether the walk goes inside `operation` rather than around it: a
+    layer with sub-layers, or a weightless layer not from Keras (whose
+    output may depend on its inputs only through their shapes)."""
+    if not isinstance(operation, keras.Layer):
+        return False
+    if operation._layers:
+        return True
+    own_module = type(operation).__module__.split(".")[0] == "keras"
+    return not operation.weights and not own_module
 
 
 def _without_skip_connections(tensors):
@@ -216,29 +352,100 @@ def _upstream(tensor):
     return seen
 
 
-def _guessed_heads(container, trained):
-    """Best guess at the output head of a layer that has no graph.
+class _GraphRestored:
+    """Traces `call` methods on symbolic tensors, and on exit restores the
+    node lists of the layers the tracing touched.
 
-    Goes through the sub-layers in attribute order from the last, skipping
-    those that own no trained variable, and takes the first that has a Muon
-    matrix, descending into containers; a functional sub-model answers from
-    its own outputs.
+    A traced call runs on fresh symbolic inputs shaped like the node's
+    arguments; `outer_tensor` maps each back to the argument it stands for.
     """
-    for child in reversed(container._layers):
-        if not trained & {id(v) for v in child.trainable_variables}:
-            continue
-        outputs = _symbolic_outputs(child)
-        if outputs is not None:
-            return _layers_producing(outputs, trained)
-        if any(
-            id(v) in trained and route_by_layer(child, v, per_head=False).view is not None
-            for v in child._trainable_variables
-        ):
-            return [(child, container)]
-        found = _guessed_heads(child, trained)
-        if found:
-            return found
-    return []
+
+    def __init__(self):
+        self._saved = {}
+        self._outer = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for layer, inbound, outbound in self._saved.values():
+            del layer._inbound_nodes[inbound:]
+            del layer._outbound_nodes[outbound:]
+
+    def outer_tensor(self, tensor):
+        """The tensor that `tensor`, an input of a traced call, stands for."""
+        return self._outer.get(id(tensor), (tensor, tensor))[1]
+
+    def _stand_in(self, value, shape):
+        # Keeps the stand-in alive with its entry, so that its id stays its.
+        tensor = keras.KerasTensor(shape, value.dtype)
+        self._outer[id(tensor)] = (tensor, self.outer_tensor(value))
+        return tensor
+
+    def trace_call(self, layer, node):
+        """`layer.call` run on inputs like the arguments of `node`, or None
+        if it fails."""
+        args, kwargs = tree.map_structure(
+            lambda value: self._stand_in(value, value.shape)
+            if isinstance(value, keras.KerasTensor)
+            else value,
+            (node.arguments.args, node.arguments.kwargs),
+        )
+        outputs = self._call(layer, args, kwargs)
+        if outputs is None or len(tree.flatten(outputs)) != len(node.outputs):
+            return None
+        return outputs
+
+    def trace_model(self, model):
+        """The outputs of a built subclassed `model` called on symbolic
+        inputs of the shapes it was built with, or None."""
+        shapes = getattr(model, "_build_shapes_dict", None)
+        if not shapes or not model.built:
+            return None
+        # The input dtype is not recorded: features, else token ids.
+        for dtype in ("float32", "int32"):
+            inputs = [
+                keras.tree.map_shape_structure(
+                    lambda shape: keras.KerasTensor(shape, dtype), shape
+                )
+                for shape in shapes.values()
+            ]
+            outputs = self._call(model, inputs, {})
+            if outputs is not None and any(
+                _carries_prediction(t) for t in tree.flatten(outputs)
+            ):
+                return outputs
+        return None
+
+    def _call(self, layer, args, kwargs):
+        """`layer.call(*args, **kwargs)` on symbolic tensors, retried with
+        unknown dimensions set (code that needs a length to run), or None."""
+        for layer_ in layer._flatten_layers(include_self=True, recursive=True):
+            if id(layer_) not in self._saved:
+                self._saved[id(layer_)] = (
+                    layer_,
+                    len(layer_._inbound_nodes),
+                    len(layer_._outbound_nodes),
+                )
+        for known in (False, True):
+            if known:
+                args, kwargs = tree.map_structure(self._known_shape, (args, kwargs))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    outputs = layer.call(*args, **kwargs)
+            except Exception:  # any failure of user code means "cannot trace"
+                continue
+            if any(isinstance(t, keras.KerasTensor) for t in tree.flatten(outputs)):
+                return outputs
+        return None
+
+    def _known_shape(self, value, size=8):
+        """A stand-in for `value` with each unknown dimension set to `size`,
+        if `value` is a symbolic tensor with some; else `value`."""
+        if not isinstance(value, keras.KerasTensor) or None not in value.shape:
+            return value
+        return self._stand_in(value, tuple(size if d is None else d for d in value.shape))
 
 
 def compile_patterns(exclude_layers):

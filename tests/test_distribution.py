@@ -131,6 +131,14 @@ def test_tf_strategy_matches_one_device(tmp_path, strategy):
         assert sorted(map(tuple, shapes)) == sorted(BLOCK_BATCHES * traces)
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
+def test_tf_mirrored_strategy_trains_raw_tf_variables(tmp_path):
+    result = run_case("tensorflow_raw_variables", tmp_path)
+    assert result["max weight difference"] <= 1e-6, result
+    assert result["max difference between replicas"] == 0.0, result
+    assert result["paths"] == ["matrix:0", "bias:0"], result
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="DistributedDataParallel runs on torch")
 def test_torch_distributed_data_parallel_matches_one_device(tmp_path):
     result = run_case("torch", tmp_path)
@@ -321,6 +329,53 @@ def tensorflow_case(strategy_name):
     return result
 
 
+def tensorflow_raw_variables_case():
+    """Raw `tf.Variable`s (no path; `value` is a method) trained a few steps
+    in a custom loop under MirroredStrategy, and on one device."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras_muon
+
+    def train(strategy):
+        with strategy.scope():
+            variables = [
+                tf.Variable(np.linspace(-1, 1, 12).reshape(4, 3).astype("float32"), name="matrix"),
+                tf.Variable(np.ones(3, "float32"), name="bias"),
+            ]
+            optimizer = keras_muon.Muon(learning_rate=0.1, exclude_layers=["matrix"])
+            optimizer.build(variables)
+        # Replicas' gradients are summed: each gives its share.
+        share = 1.0 / strategy.num_replicas_in_sync
+
+        def replica_step(scale):
+            grads = [tf.fill((4, 3), scale * share), tf.fill((3,), -share)]
+            optimizer.apply_gradients(zip(grads, variables))
+
+        @tf.function
+        def step(scale):
+            strategy.run(replica_step, args=(scale,))
+
+        for scale in (1.0, 2.0, 3.0):
+            step(tf.constant(scale))
+        return variables, optimizer
+
+    one_device, _ = train(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    mirrored, optimizer = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return {
+        "max weight difference": max(
+            float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(one_device, mirrored)
+        ),
+        "max difference between replicas": max(
+            float(np.max(np.abs(v.values[0].numpy() - v.values[1].numpy()))) for v in mirrored
+        ),
+        "paths": [row["path"] for row in optimizer.routing_table()],
+    }
+
+
 def torch_case():
     import torch.multiprocessing
 
@@ -426,6 +481,11 @@ def torch_rank(rank, world_size, port, weights, data, outputs):
 if __name__ == "__main__":
     case, output = sys.argv[1:]
     backend, _, option = case.partition(":")
-    cases = {"jax": jax_case, "tensorflow": tensorflow_case, "torch": torch_case}
+    cases = {
+        "jax": jax_case,
+        "tensorflow": tensorflow_case,
+        "tensorflow_raw_variables": tensorflow_raw_variables_case,
+        "torch": torch_case,
+    }
     arguments = [option] if option else []
     Path(output).write_text(json.dumps(cases[backend](*arguments)))

@@ -226,7 +226,9 @@ def test_composite_output_layer_marks_only_its_last_projection():
     outputs = layers.MultiHeadAttention(2, 4, name="mha")(tokens, tokens)
     table = table_for(keras.Model(tokens, outputs))
     assert table["mha/attention_output/kernel"]["route"] == "adamw"
-    assert "guessed" in table["mha/attention_output/kernel"]["reason"]
+    # Traced through its `call`: known, not guessed.
+    reason = table["mha/attention_output/kernel"]["reason"]
+    assert reason == "output head (EinsumDense 'attention_output')"
     for name in ["query", "key", "value"]:
         assert table[f"mha/{name}/kernel"]["route"] == "muon"
 
@@ -242,7 +244,7 @@ class SubclassedClassifier(keras.Model):
         return self.classifier(self.norm(self.hidden(x)))
 
 
-def test_subclassed_model_guesses_its_last_projection_as_head():
+def test_subclassed_model_is_traced_to_its_head():
     model = SubclassedClassifier()
     model(np.ones((1, 4)))
     table = table_for(model)
@@ -250,7 +252,7 @@ def test_subclassed_model_guesses_its_last_projection_as_head():
     head = table[model.classifier.kernel.path]
     assert hidden["route"] == "muon"
     assert head["route"] == "adamw"
-    assert "guessed" in head["reason"]
+    assert head["reason"] == f"output head (Dense '{model.classifier.name}')"
 
 
 class Decoder(keras.Model):
@@ -547,3 +549,254 @@ def test_odd_objects_on_the_call_stack_are_skipped():
     unreadable = Unreadable()  # noqa: F841 (a local of this frame)
     table = table_for(misleadingly_named_model())
     assert routes(table) == MISLEADING_NAMES
+
+
+# Tied heads: the logits come from the embedding table, which is the head.
+
+
+def test_functional_logits_from_the_embedding_table():
+    tokens = keras.Input((5,), dtype="int32")
+    embedding = layers.Embedding(30, 8, name="tok")
+    x = layers.Dense(8, name="mixer")(embedding(tokens))
+    logits = ops.einsum("btd,vd->btv", x, embedding.embeddings)
+    table = table_for(keras.Model(tokens, logits))
+    assert routes(table) == {"tok/embeddings": "adamw", "mixer/kernel": "muon", "mixer/bias": "adamw"}
+    assert table["tok/embeddings"]["reason"] == "output head (Einsum with tok/embeddings)"
+
+
+class TiedLanguageModel(keras.Model):
+    """Logits from the transposed table, computed outside the graph, or
+    from a `ReversibleEmbedding` called in reverse."""
+
+    def __init__(self, reversible):
+        super().__init__()
+        self.reversible = reversible
+        if reversible:
+            self.embedding = layers.ReversibleEmbedding(30, 8, tie_weights=True)
+        else:
+            self.embedding = layers.Embedding(30, 8)
+        self.mixer = layers.Dense(8)
+
+    def call(self, tokens):
+        x = self.mixer(self.embedding(tokens))
+        if self.reversible:
+            return self.embedding(x, reverse=True)
+        return ops.matmul(x, ops.transpose(self.embedding.embeddings))
+
+
+@pytest.mark.parametrize("reversible", [False, True])
+def test_subclassed_tied_language_model(reversible):
+    model = TiedLanguageModel(reversible)
+    model(np.zeros((2, 5), "int32"))
+    table = table_for(model)
+    assert table[model.mixer.kernel.path]["route"] == "muon"
+    assert table[model.embedding.embeddings.path]["route"] == "adamw"
+    assert not any("guessed" in row["reason"] for row in table.values())
+
+
+MASKED_LMS = {
+    "BertMaskedLM": ("BertBackbone", {}),
+    "RobertaMaskedLM": ("RobertaBackbone", {}),
+    "DistilBertMaskedLM": ("DistilBertBackbone", {}),
+    "AlbertMaskedLM": ("AlbertBackbone", {"embedding_dim": 8}),
+    "ESMMaskedPLM": ("ESMBackbone", {}),
+}
+
+
+@pytest.mark.parametrize("task", list(MASKED_LMS))
+def test_keras_hub_masked_lm_heads_keep_their_hidden_projection_on_muon(task):
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone_name, extra = MASKED_LMS[task]
+    backbone = getattr(keras_hub.models, backbone_name)(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16, **extra,
+    )
+    table = table_for(getattr(keras_hub.models, task)(backbone=backbone, preprocessor=None))
+    assert table["mlm_head/intermediate_dense/kernel"]["route"] == "muon"
+    heads = {path for path, row in table.items() if "output head" in row["reason"]}
+    # The head is the tied table, or ESM's own output kernel.
+    assert heads and all(path.endswith(("embeddings", "output_kernel")) for path in heads), heads
+
+
+def test_keras_hub_gemma3n_altup_projections_stay_on_muon():
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.Gemma3nBackbone(
+        text_vocab_size=64, text_hidden_size=16, num_hidden_layers=1, pad_token_id=0,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=[32],
+        hidden_activation="gelu_approximate", layer_types=["full_attention"],
+        sliding_window=8, rope_theta=10000.0, max_position_embeddings=32,
+        vocab_size_per_layer_input=64, hidden_size_per_layer_input=4,
+        altup_num_inputs=3, laurel_rank=2,
+    )
+    table = table_for(keras_hub.models.Gemma3nCausalLM(backbone=backbone, preprocessor=None))
+    projections = [p for p in table if "altup_unembed_projection" in p]
+    assert len(projections) == 2
+    assert all(table[p]["route"] == "muon" for p in projections)
+    assert not any("output head" in row["reason"] for row in table.values())
+
+
+# Subclassed models are traced: the head is the layer that computes the output.
+
+
+class HeadDeclaredFirst(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.head = layers.Dense(3)
+        self.hidden = layers.Dense(8)
+        self.auxiliary = layers.Dense(4)  # built, trained elsewhere, not called here
+
+    def build(self, input_shape):
+        self.auxiliary.build((None, 8))
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def test_subclassed_model_head_declared_first_and_an_unused_layer_after_it():
+    model = HeadDeclaredFirst()
+    model(np.ones((2, 4)))
+    table = table_for(model)
+    assert table[model.head.kernel.path]["route"] == "adamw"
+    assert table[model.hidden.kernel.path]["route"] == "muon"
+    assert table[model.auxiliary.kernel.path]["route"] == "muon"
+
+
+class Untraceable(SubclassedClassifier):
+    def call(self, x):
+        # NumPy needs values: no symbolic trace of this model is possible.
+        return super().call(x) * float(np.mean(ops.convert_to_numpy(x)) ** 0)
+
+
+def test_a_subclassed_model_that_cannot_be_traced_is_guessed():
+    model = Untraceable()
+    model(np.ones((1, 4)))
+    table = table_for(model)
+    head = table[model.classifier.kernel.path]
+    assert head["route"] == "adamw"
+    assert "guessed" in head["reason"]
+
+
+def test_tracing_leaves_the_layers_as_they_were():
+    model = HeadDeclaredFirst()
+    model(np.ones((2, 4)))
+    before = {id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()}
+    table_for(model)
+    after = {id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()}
+    assert after == before
+
+
+# Outputs that are not predictions make no head.
+
+
+class ValidPositions(layers.Layer):
+    """1.0 where a position is within the length: depends on `features`
+    through its shape only."""
+
+    def call(self, features, lengths):
+        positions = ops.arange(ops.shape(features)[1])
+        return ops.cast(ops.less(positions[None, :], lengths[:, None]), "float32")
+
+
+class BooleanMask(ValidPositions):
+    """The same as booleans, declaring only its output shape (so Keras
+    declares a float output)."""
+
+    def call(self, features, lengths):
+        # A backend tensor compared with a symbolic one: this cannot be
+        # traced symbolically on JAX (keras-hub's Moonshine does this).
+        positions = ops.arange(ops.shape(features)[1])
+        return ops.cast(positions[None, :] < lengths[:, None], "bool")
+
+    def compute_output_shape(self, features_shape, lengths_shape):
+        return (features_shape[0], features_shape[1])
+
+
+@pytest.mark.parametrize("mask_layer", [ValidPositions, BooleanMask])
+def test_outputs_that_depend_on_a_layer_only_through_its_shape(mask_layer):
+    features = keras.Input((6, 4))
+    lengths = keras.Input((), dtype="int32")
+    hidden = layers.Conv1D(4, 3, padding="same", name="conv")(features)
+    outputs = {
+        "sequence": layers.Dense(4, name="proj")(hidden),
+        "mask": mask_layer()(hidden, lengths),
+        "positive": ops.greater(hidden, 0.0),  # boolean
+    }
+    table = routes(table_for(keras.Model([features, lengths], outputs)))
+    assert table["conv/kernel"] == "muon"
+    assert table["proj/kernel"] == "adamw"
+
+
+def test_keras_hub_moonshine_mask_output_makes_no_head():
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.MoonshineBackbone(
+        vocabulary_size=64, filter_dim=16, encoder_num_layers=1, decoder_num_layers=1,
+        hidden_dim=16, intermediate_dim=32, encoder_num_heads=2, decoder_num_heads=2,
+    )
+    table = table_for(backbone)
+    assert table["conv3/kernel"]["route"] == "muon"
+
+
+# Wrappers route as the layer they wrap.
+
+
+def test_spectral_normalization_routes_as_the_wrapped_layer():
+    images = keras.Input((8, 8, 3))
+    x = layers.SpectralNormalization(layers.Conv2D(4, 3, name="conv"), name="sn_conv")(images)
+    x = layers.SpectralNormalization(
+        layers.EinsumDense("abcd,de->abce", (6, 6, 5), name="einsum"), name="sn_einsum"
+    )(x)
+    tokens = keras.Input((3,), dtype="int32")
+    embedded = layers.SpectralNormalization(layers.Embedding(10, 5, name="embed"), name="sn_embed")(tokens)
+    pooled = layers.Concatenate()(
+        [layers.GlobalAveragePooling2D()(x), layers.GlobalAveragePooling1D()(embedded)]
+    )
+    table = table_for(keras.Model([images, tokens], layers.Dense(2, name="head")(pooled)))
+    assert (table["sn_conv/conv/kernel"]["route"], table["sn_conv/conv/kernel"]["matrix_shape"]) == ("muon", (27, 4))
+    assert table["sn_conv/conv/kernel"]["reason"] == "Conv2D kernel"
+    assert table["sn_einsum/einsum/kernel"]["matrix_shape"] == (4, 5)
+    assert table["sn_embed/embed/embeddings"]["route"] == "adamw"
+
+
+def test_lora_factors_say_what_they_are():
+    dense = layers.Dense(6, name="adapted")
+    inputs = keras.Input((4,))
+    hidden = dense(inputs)
+    dense.enable_lora(2)
+    table = table_for(keras.Model(inputs, layers.Dense(2, name="head")(hidden)))
+    for name in ("lora_kernel_a", "lora_kernel_b"):
+        row = table[f"adapted/{name}"]
+        assert (row["route"], row["reason"]) == ("adamw", f"Dense {name}: LoRA factor of rank 2")
+    assert "adapted/kernel" not in table  # frozen by LoRA
+
+
+# Raw backend variables have no path: their name stands in for it.
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.Variable")
+def test_raw_tf_variables():
+    import tensorflow as tf
+
+    weights = tf.Variable(np.ones((4, 3), "float32"), name="weights")
+    bias = tf.Variable(np.ones(3, "float32"), name="bias")
+    optimizer = keras_muon.Muon(learning_rate=0.1, exclude_layers=["weights"])
+    optimizer.apply_gradients([(tf.ones((4, 3)), weights), (tf.ones(3), bias)])
+    table = {row["path"]: row for row in optimizer.routing_table()}
+    assert table["weights:0"]["reason"] == "exclude_layers 'weights'"
+    assert table["bias:0"]["reason"] == "layer not found"
+    printed = []
+    optimizer.summary(print_fn=printed.append)
+    assert "weights:0" in printed[0] and "bias:0" in printed[0]
+    keras_adamw = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.004)
+    expected = tf.Variable(np.ones(3, "float32"))
+    keras_adamw.apply_gradients([(tf.ones(3), expected)])
+    np.testing.assert_allclose(bias.numpy(), expected.numpy(), rtol=1e-6)
+
+
+def test_a_conv_with_one_channel_per_group_is_depthwise():
+    images = keras.Input((8, 8, 4))
+    x = layers.Conv2D(4, 3, groups=4, name="depthwise")(images)  # as in ConvNeXt
+    x = layers.Conv2D(8, 3, groups=4, name="multiplier")(x)  # 1 channel in, 2 out
+    table = table_for(keras.Model(images, layers.Dense(2, name="head")(x)))
+    assert table["depthwise/kernel"]["route"] == "adamw"
+    assert table["depthwise/kernel"]["reason"] == "Conv2D depthwise kernel (groups=channels)"
+    assert (table["multiplier/kernel"]["matrix_shape"], table["multiplier/kernel"]["num_blocks"]) == ((9, 2), 4)

@@ -1,0 +1,166 @@
+"""How keras_muon routes the variables of real models, built small.
+
+Builds keras-hub task models and backbones from tiny configs and
+keras.applications models with `weights=None` (no downloads), routes their
+trainable variables, and prints one row per model: variables, Muon
+variables, Muon blocks, output-head variables and guessed heads. With
+`--save FILE` the routes are written to JSON; with `--compare FILE` the
+routes that differ from a saved run are counted and listed per model.
+
+Usage:
+    python benchmarks/routing_survey.py [--save routes.json] [--compare old.json]
+"""
+
+import argparse
+import json
+import sys
+import warnings
+
+import keras
+
+import keras_muon
+
+LM = dict(vocabulary_size=64, num_layers=1, hidden_dim=16)
+DECODER = dict(LM, num_query_heads=2, num_key_value_heads=1)
+ENCODER = dict(LM, num_heads=2, intermediate_dim=32, max_sequence_length=16)
+
+# name: (task class or None for the backbone alone, backbone class, config)
+KERAS_HUB = {
+    "GPT2CausalLM": ("GPT2Backbone", dict(ENCODER)),
+    "LlamaCausalLM": ("LlamaBackbone", dict(DECODER, intermediate_dim=32)),
+    "GemmaCausalLM": ("GemmaBackbone", dict(LM, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=32)),
+    "MixtralCausalLM": ("MixtralBackbone", dict(DECODER, intermediate_dim=12, num_experts=4)),
+    "QwenMoeCausalLM": ("QwenMoeBackbone", dict(DECODER, intermediate_dim=24, moe_intermediate_dim=12,
+                                                shared_expert_intermediate_dim=20, num_experts=4, top_k=2)),
+    "Qwen3MoeCausalLM": ("Qwen3MoeBackbone", dict(DECODER, intermediate_dim=24, moe_intermediate_dim=12,
+                                                  num_experts=4, top_k=2, head_dim=8)),
+    "Qwen3_5MoeCausalLM": ("Qwen3_5MoeBackbone", dict(DECODER, head_dim=8, moe_intermediate_dim=12,
+                                                      shared_expert_intermediate_size=20, num_experts=4, top_k=2,
+                                                      linear_num_key_heads=2, linear_num_value_heads=2,
+                                                      linear_key_head_dim=8, linear_value_head_dim=8)),
+    "GptOssCausalLM": ("GptOssBackbone", dict(DECODER, intermediate_dim=12, num_experts=4, top_k=2, head_dim=8)),
+    "Gemma4CausalLM": ("Gemma4Backbone", dict(DECODER, image_size=16, intermediate_dim=24, head_dim=8,
+                                              enable_moe_block=True, num_experts=4, expert_intermediate_dim=12,
+                                              num_experts_per_token=2)),
+    "Gemma3nCausalLM": ("Gemma3nBackbone", dict(
+        text_vocab_size=64, text_hidden_size=16, num_hidden_layers=1, pad_token_id=0,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=[32],
+        hidden_activation="gelu_approximate", layer_types=["full_attention"], sliding_window=8,
+        rope_theta=10000.0, max_position_embeddings=32, vocab_size_per_layer_input=64,
+        hidden_size_per_layer_input=4, altup_num_inputs=3, laurel_rank=2)),
+    "BertMaskedLM": ("BertBackbone", dict(ENCODER)),
+    "RobertaMaskedLM": ("RobertaBackbone", dict(ENCODER)),
+    "DistilBertMaskedLM": ("DistilBertBackbone", dict(ENCODER)),
+    "AlbertMaskedLM": ("AlbertBackbone", dict(ENCODER, embedding_dim=8)),
+    "ESMMaskedPLM": ("ESMBackbone", dict(ENCODER)),
+    "MoonshineBackbone": ("MoonshineBackbone", dict(
+        vocabulary_size=64, filter_dim=16, encoder_num_layers=1, decoder_num_layers=1, hidden_dim=16,
+        intermediate_dim=32, encoder_num_heads=2, decoder_num_heads=2)),
+    "RWKV7Backbone": ("RWKV7Backbone", dict(
+        hidden_size=32, head_size=16, num_layers=1, vocabulary_size=64, intermediate_dim=64)),
+}
+
+APPLICATIONS = {
+    "MobileNetV2": dict(alpha=0.35),
+    "ResNet50": {},
+    "EfficientNetB0": {},
+    "ConvNeXtTiny": {},
+    "DenseNet121": {},
+}
+
+
+def keras_hub_model(name):
+    import keras_hub
+
+    backbone_name, config = KERAS_HUB[name]
+    backbone = getattr(keras_hub.models, backbone_name)(**config)
+    if name == backbone_name:
+        return backbone
+    return getattr(keras_hub.models, name)(backbone=backbone, preprocessor=None)
+
+
+def application(name):
+    return getattr(keras.applications, name)(
+        weights=None, input_shape=(32, 32, 3), classes=10, **APPLICATIONS[name]
+    )
+
+
+def routes_of(model):
+    optimizer = keras_muon.Muon()
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+    return [
+        [row["path"], row["route"], row["matrix_shape"], row["num_blocks"], row["reason"]]
+        for row in optimizer.routing_table()
+    ]
+
+
+def survey(names):
+    results = {}
+    for name in names:
+        build = keras_hub_model if name in KERAS_HUB else application
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results[name] = routes_of(build(name))
+        except (AttributeError, ImportError) as e:  # not in this keras-hub
+            print(f"{name}: skipped ({e})", file=sys.stderr)
+    return results
+
+
+def summary_row(name, rows):
+    muon = [r for r in rows if r[1] == "muon"]
+    return (
+        name,
+        len(rows),
+        len(muon),
+        sum(r[3] for r in muon),
+        sum("output head" in r[4] for r in rows),
+        sum("guessed" in r[4] for r in rows),
+    )
+
+
+def differences(old, new):
+    """Per model, the variables whose route, matrix or block count changed,
+    matched by position (paths can repeat within a model)."""
+    changed = {}
+    for name, rows in new.items():
+        if name not in old:
+            continue
+        changed[name] = [
+            (before, after)
+            for before, after in zip(old[name], rows)
+            if before[1:4] != after[1:4]
+        ]
+    return changed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--save", help="write the routes to this JSON file")
+    parser.add_argument("--compare", help="a JSON file written by --save")
+    parser.add_argument("--models", nargs="*", default=[*KERAS_HUB, *APPLICATIONS])
+    args = parser.parse_args()
+    # Through JSON, as a saved run is read back (tuples become lists).
+    results = json.loads(json.dumps(survey(args.models)))
+    header = ("model", "variables", "muon", "muon blocks", "head variables", "guessed")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, rows in results.items():
+        print("| " + " | ".join(str(cell) for cell in summary_row(name, rows)) + " |")
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(results, f)
+    if args.compare:
+        with open(args.compare) as f:
+            old = json.load(f)
+        print("\nRoutes that differ from", args.compare)
+        for name, changes in differences(old, results).items():
+            print(f"{name}: {len(changes)}")
+            for before, after in changes:
+                print(f"  {after[0]}: {before[1]} {before[2]}×{before[3]} -> "
+                      f"{after[1]} {after[2]}×{after[3]} ({after[4]})")
+
+
+if __name__ == "__main__":
+    main()
