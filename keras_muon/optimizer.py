@@ -7,14 +7,19 @@ import keras
 from keras import ops
 
 from keras_muon import routing
+from keras_muon.arguments import boolean
+from keras_muon.arguments import number
 from keras_muon.newton_schulz import coefficient_schedule
 from keras_muon.newton_schulz import newton_schulz
 from keras_muon.scaling import SCALES
 from keras_muon.scaling import update_scale
+from keras_muon.weight_decay import decayed
 
 _NS_DTYPES = ("float32", "bfloat16", "float16")
-# Saved beside the optimizer's variables: 1 per Muon variable, 0 per AdamW one.
+# Saved beside the optimizer's variables: 1 per Muon variable, 0 per AdamW
+# one; and the name of the class, whose state layout it is.
 _ROUTES_KEY = "routes"
+_CLASS_KEY = "class"
 
 
 @keras.saving.register_keras_serializable(package="keras_muon")
@@ -38,6 +43,7 @@ class Muon(keras.optimizers.Optimizer):
 
     where msign is the orthogonal polar factor computed by Newton–Schulz
     iteration and `s` depends on `scale` and the block's `(d_in, d_out)`.
+    `NorMuon` and `AdaMuon` add one step after msign.
     AdamW variables use bias-corrected AdamW with its own betas, learning
     rate `lr·adam_lr_ratio` and decoupled weight decay `adam_weight_decay`.
 
@@ -108,6 +114,10 @@ class Muon(keras.optimizers.Optimizer):
             variables. Defaults to `0.004`.
         adam_lr_ratio: Float >= 0, AdamW's learning rate as a multiple of
             `learning_rate`. Defaults to `1.0`.
+        cautious_weight_decay: Boolean. If `True`, weight decay applies
+            only to the entries whose update has the sign of the weight
+            (Chen et al., 2025), on Muon's and AdamW's side alike.
+            Defaults to `False`.
         name: String, the name of the optimizer and prefix of its variables.
         **kwargs: Arguments of every Keras optimizer: `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -119,6 +129,8 @@ class Muon(keras.optimizers.Optimizer):
         - [Liu et al., 2025](https://arxiv.org/abs/2502.16982) (Moonlight)
         - [Amsel et al., 2025](https://arxiv.org/abs/2505.16932)
           (Polar Express)
+        - [Chen et al., 2025](https://arxiv.org/abs/2510.12402)
+          (cautious weight decay)
     """
 
     def __init__(
@@ -139,26 +151,27 @@ class Muon(keras.optimizers.Optimizer):
         epsilon=1e-7,
         adam_weight_decay=0.004,
         adam_lr_ratio=1.0,
+        cautious_weight_decay=False,
         name=None,
         **kwargs,
     ):
         if isinstance(learning_rate, numbers.Real):
-            learning_rate = _number("learning_rate", learning_rate, minimum=0.0)
-        weight_decay = _number("weight_decay", weight_decay, minimum=0.0, optional=True)
+            learning_rate = number("learning_rate", learning_rate, minimum=0.0)
+        weight_decay = number("weight_decay", weight_decay, minimum=0.0, optional=True)
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
             name=name,
             **kwargs,
         )
-        self.momentum = _number("momentum", momentum, minimum=0.0, below=1.0)
-        self.nesterov = _boolean("nesterov", nesterov)
+        self.momentum = number("momentum", momentum, minimum=0.0, below=1.0)
+        self.nesterov = boolean("nesterov", nesterov)
         if scale not in SCALES:
             raise ValueError(
                 f"`scale` must be one of {SCALES}. Received: scale={scale!r}"
             )
         self.scale = scale
-        self.rms_rate = _number("rms_rate", rms_rate, above=0.0, optional=True)
+        self.rms_rate = number("rms_rate", rms_rate, above=0.0, optional=True)
         if scale != "moonlight" and rms_rate != 0.2:
             raise ValueError(
                 f"`rms_rate` is used only by scale='moonlight'. Received: "
@@ -173,16 +186,17 @@ class Muon(keras.optimizers.Optimizer):
                 f"Received: ns_dtype={ns_dtype!r}"
             )
         self.ns_dtype = ns_dtype
-        self.per_head = _boolean("per_head", per_head)
+        self.per_head = boolean("per_head", per_head)
         self._exclude_patterns = routing.compile_patterns(exclude_layers)
         self.exclude_layers = exclude_layers
-        self.adam_beta_1 = _number("adam_beta_1", adam_beta_1, minimum=0.0, below=1.0)
-        self.adam_beta_2 = _number("adam_beta_2", adam_beta_2, minimum=0.0, below=1.0)
-        self.epsilon = _number("epsilon", epsilon, above=0.0)
-        self.adam_weight_decay = _number(
+        self.adam_beta_1 = number("adam_beta_1", adam_beta_1, minimum=0.0, below=1.0)
+        self.adam_beta_2 = number("adam_beta_2", adam_beta_2, minimum=0.0, below=1.0)
+        self.epsilon = number("epsilon", epsilon, above=0.0)
+        self.adam_weight_decay = number(
             "adam_weight_decay", adam_weight_decay, minimum=0.0, optional=True
         )
-        self.adam_lr_ratio = _number("adam_lr_ratio", adam_lr_ratio, minimum=0.0)
+        self.adam_lr_ratio = number("adam_lr_ratio", adam_lr_ratio, minimum=0.0)
+        self.cautious_weight_decay = boolean("cautious_weight_decay", cautious_weight_decay)
         self._attached_model = None
 
     def attach(self, model):
@@ -220,36 +234,53 @@ class Muon(keras.optimizers.Optimizer):
         self._scales = []
         self._momentums = []
         self._velocities = []
+        self._block_states = []
         for variable, route in zip(var_list, routes):
+            momentum = velocity = block_state = None
             if self._overwrite_variable_with_gradient(variable):
                 route = routing.Route(None, "overwritten with its gradient")
-                momentum = velocity = None
             else:
                 momentum = self._add_state(variable, "momentum")
-                velocity = None
                 if route.view is None:
                     velocity = self._add_state(variable, "velocity")
+                else:
+                    block_state = self._add_block_state(variable, route.view)
             self._routes.append(route)
             self._momentums.append(momentum)
             self._velocities.append(velocity)
-            self._scales.append(
-                None
-                if route.view is None
-                else update_scale(
-                    self.scale, route.view.d_in, route.view.d_out, self.rms_rate
-                )
-            )
+            self._block_states.append(block_state)
+            self._scales.append(None if route.view is None else self._block_scale(route.view))
+
+    def _block_scale(self, view):
+        """The factor `s` of the update of `view`'s blocks."""
+        return update_scale(self.scale, view.d_in, view.d_out, self.rms_rate)
+
+    def _add_block_state(self, variable, view):
+        """State a variant keeps per Muon variable besides its momentum, in
+        the `(num_blocks, d_in, d_out)` layout of `view`: none for Muon."""
+        return None
+
+    def _normalized(self, index, orthogonal_blocks):
+        """The orthogonalized blocks `(num_blocks, d_in, d_out)` of variable
+        `index`, as the update to scale by `s`: as they are for Muon."""
+        return orthogonal_blocks
 
     def _add_state(self, variable, name):
         if variable.dtype not in ("float16", "bfloat16"):
             return self.add_variable_from_reference(variable, name)
         # 16-bit moments lose the update: float16 squares of small gradients
         # underflow, bfloat16 rounds adam_beta_2=0.999 to 1. Keep float32.
+        return self._add_float32_state(
+            variable, name, variable.shape, getattr(variable, "_layout", None)
+        )
+
+    def _add_float32_state(self, variable, name, shape, layout=None):
+        """A zero float32 state `name` of `shape`, named after `variable`."""
         return self.add_variable(
-            shape=variable.shape,
+            shape=shape,
             dtype="float32",
             name=f"{routing.variable_path(variable).replace('/', '_')}_{name}",
-            layout=getattr(variable, "_layout", None),
+            layout=layout,
         )
 
     def apply(self, grads, trainable_variables=None):
@@ -320,9 +351,12 @@ class Muon(keras.optimizers.Optimizer):
             lr = ops.cast(learning_rate, dtype)
             view = self._routes[index].view
             if view is None:
-                update = self._adamw_update(index, gradient, variable, lr * self.adam_lr_ratio)
-                new_value = ops.subtract(ops.cast(variable, dtype), update)
-                self.assign(variable, ops.cast(new_value, variable.dtype))
+                adam_lr = lr * self.adam_lr_ratio
+                step = self._adamw_step(index, gradient, adam_lr)
+                weights = self._decayed(
+                    index, ops.cast(variable, dtype), step, adam_lr, self.adam_weight_decay
+                )
+                self.assign(variable, ops.cast(ops.subtract(weights, step), variable.dtype))
             else:
                 blocks = _wide_blocks(view, self._muon_direction(index, gradient))
                 groups.setdefault(blocks.shape[1:], []).append((index, variable, lr, blocks))
@@ -353,14 +387,23 @@ class Muon(keras.optimizers.Optimizer):
         view = self._routes[index].view
         if view.d_in > view.d_out:
             orthogonal_blocks = ops.swapaxes(orthogonal_blocks, -1, -2)
-        orthogonal = view.from_blocks(ops.cast(orthogonal_blocks, lr.dtype))
-        weights = ops.cast(variable, lr.dtype)
-        decay = self._decay_rate(index, self.weight_decay)
-        if decay:
-            weights = ops.multiply(weights, 1 - lr * decay)
-        return ops.subtract(weights, ops.multiply(orthogonal, lr * self._scales[index]))
+        blocks = self._normalized(index, orthogonal_blocks)
+        update = view.from_blocks(ops.cast(blocks, lr.dtype))
+        weights = self._decayed(
+            index, ops.cast(variable, lr.dtype), update, lr, self.weight_decay
+        )
+        return ops.subtract(weights, ops.multiply(update, lr * self._scales[index]))
 
-    def _adamw_update(self, index, gradient, variable, lr):
+    def _decayed(self, index, weights, update, lr, rate):
+        """`weights` after the decoupled weight decay of variable `index`
+        at `rate`, before `update` is subtracted."""
+        decay = self._decay_rate(index, rate)
+        if not decay:
+            return weights
+        return decayed(weights, update, lr * decay, self.cautious_weight_decay)
+
+    def _adamw_step(self, index, gradient, lr):
+        """AdamW's step for variable `index`, without weight decay."""
         m = self._momentums[index]
         v = self._velocities[index]
         step = ops.cast(self.iterations + 1, m.dtype)
@@ -373,11 +416,7 @@ class Muon(keras.optimizers.Optimizer):
         )
         self.assign(m, new_m)
         self.assign(v, new_v)
-        update = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), self.epsilon))
-        decay = self._decay_rate(index, self.adam_weight_decay)
-        if decay:
-            update = ops.add(update, ops.multiply(ops.cast(variable, m.dtype), lr * decay))
-        return update
+        return ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), self.epsilon))
 
     def _decay_rate(self, index, rate):
         if not rate or not self._use_weight_decay(self._trainable_variables[index]):
@@ -392,9 +431,18 @@ class Muon(keras.optimizers.Optimizer):
         super().save_own_variables(store)
         if self.built:
             store[_ROUTES_KEY] = ops.convert_to_tensor(self._route_flags(), "int8")
+            store[_CLASS_KEY] = ops.convert_to_tensor(list(type(self).__name__.encode()), "int32")
 
     def load_own_variables(self, store):
         keys = list(store.keys())
+        if _CLASS_KEY in keys:
+            saved = bytes(int(c) for c in store[_CLASS_KEY]).decode()
+            if saved != type(self).__name__:
+                raise ValueError(
+                    f"Cannot load this optimizer state into {type(self).__name__}: "
+                    f"it was saved by {saved}, whose state is laid out "
+                    f"differently. Use {saved} to resume."
+                )
         if self.built and _ROUTES_KEY in keys:
             saved = [int(flag) for flag in store[_ROUTES_KEY]]
             current = self._route_flags()
@@ -413,7 +461,8 @@ class Muon(keras.optimizers.Optimizer):
                     "it was saved with (the same model, `attach(model)`, "
                     "`exclude_layers`)."
                 )
-        super().load_own_variables({key: store[key] for key in keys if key != _ROUTES_KEY})
+        own = (_ROUTES_KEY, _CLASS_KEY)
+        super().load_own_variables({key: store[key] for key in keys if key not in own})
 
     def _route_flags(self):
         return [int(route.view is not None) for route in self._routes]
@@ -510,6 +559,7 @@ class Muon(keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
                 "adam_weight_decay": self.adam_weight_decay,
                 "adam_lr_ratio": self.adam_lr_ratio,
+                "cautious_weight_decay": self.cautious_weight_decay,
             }
         )
         return config
@@ -575,35 +625,3 @@ def _dense(gradient, shape):
         rows = ops.expand_dims(gradient.indices, -1)
         return ops.scatter(rows, gradient.values, shape)
     return gradient
-
-
-def _number(arg, value, minimum=None, below=None, above=None, optional=False):
-    """`value` as a Python float, or a ValueError naming `arg` and the bounds."""
-    if value is None and optional:
-        return None
-    bounds = []
-    if minimum is not None:
-        bounds.append(f">= {minimum}")
-    if above is not None:
-        bounds.append(f"> {above}")
-    if below is not None:
-        bounds.append(f"< {below}")
-    if not (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (minimum is None or value >= minimum)
-        and (above is None or value > above)
-        and (below is None or value < below)
-    ):
-        allowed = "a finite number " + " and ".join(bounds)
-        if optional:
-            allowed += ", or None"
-        raise ValueError(f"`{arg}` must be {allowed}. Received: {arg}={value!r}")
-    return float(value)
-
-
-def _boolean(arg, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"`{arg}` must be True or False. Received: {arg}={value!r}")
-    return value

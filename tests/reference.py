@@ -44,17 +44,72 @@ def scale(version, d_in, d_out, rms_rate=0.2):
     }[version]
 
 
-def muon_step(w, m, g, *, lr, momentum, nesterov, weight_decay, scale, schedule):
+def decay(w, update, rate, cautious=False):
+    """Decoupled weight decay at `rate` (lr·λ); cautious: only where
+    `update·w >= 0`."""
+    if cautious:
+        return w - rate * (update * w >= 0) * w
+    return w - rate * w
+
+
+def muon_step(w, m, g, *, lr, momentum, nesterov, weight_decay, scale, schedule,
+              cautious=False):
     """One Muon step on blocks `w` (..., d_in, d_out); returns (w, m)."""
+    w, m, _ = muon_family_step(
+        w, m, None, g, rule="muon", lr=lr, momentum=momentum, nesterov=nesterov,
+        weight_decay=weight_decay, scale=scale, schedule=schedule, cautious=cautious,
+    )
+    return w, m
+
+
+def normuon_second_moment_shape(d_in, d_out, neuron_axis):
+    """NorMuon's state per block: per output neuron `(1, d_out)`, or per
+    input neuron `(d_in, 1)` when the input side is the longer one."""
+    if neuron_axis == "longer" and d_in > d_out:
+        return (d_in, 1)
+    return (1, d_out)
+
+
+def _where_positive(x, f):
+    """`f(x)` where `x > 0`, else 0."""
+    safe = np.where(x > 0, x, 1.0)
+    return np.where(x > 0, f(safe), 0.0)
+
+
+def muon_family_step(w, m, state, g, *, rule, lr, momentum, nesterov, weight_decay,
+                     schedule, scale=1.0, beta_2=0.95, sign_input=True, rms_rate=0.2,
+                     cautious=False):
+    """One step of Muon (`rule="muon"`), NorMuon (`"normuon"`) or AdaMuon
+    (`"adamuon"`) on blocks `w` (..., d_in, d_out); returns (w, m, state).
+
+    NorMuon's `state` is `(..., 1, d_out)` or `(..., d_in, 1)`: its second
+    moment is averaged over the axis of size 1. AdaMuon's is `w`'s shape.
+    """
     m = momentum * m + g
     direction = momentum * m + g if nesterov else m
-    update = scale * newton_schulz(direction, schedule)
-    return w - lr * (update + weight_decay * w), m
+    if rule == "adamuon" and sign_input:
+        direction = np.sign(direction)
+    o = newton_schulz(direction, schedule)
+    norm = np.linalg.norm(o, axis=(-2, -1), keepdims=True)
+    if rule == "normuon":
+        axis = -2 if state.shape[-2] == 1 else -1
+        state = beta_2 * state + (1 - beta_2) * np.mean(o * o, axis=axis, keepdims=True)
+        o = o * _where_positive(state, lambda v: 1 / np.sqrt(v))
+        o = o * _where_positive(np.linalg.norm(o, axis=(-2, -1), keepdims=True), lambda n: norm / n)
+    elif rule == "adamuon":
+        state = beta_2 * state + (1 - beta_2) * o * o
+        o = o / (np.sqrt(state) + 1e-8)
+        o = o * _where_positive(np.linalg.norm(o, axis=(-2, -1), keepdims=True), lambda n: 1 / n)
+        scale = rms_rate * np.sqrt(w.shape[-2] * w.shape[-1])
+    update = scale * o
+    return decay(w, update, lr * weight_decay, cautious) - lr * update, m, state
 
 
-def adamw_step(w, m, v, g, *, step, lr, beta_1, beta_2, epsilon, weight_decay):
+def adamw_step(w, m, v, g, *, step, lr, beta_1, beta_2, epsilon, weight_decay,
+               cautious=False):
     """One AdamW step as Keras writes it (epsilon outside the bias correction)."""
     m = m + (g - m) * (1 - beta_1)
     v = v + (g * g - v) * (1 - beta_2)
     alpha = lr * np.sqrt(1 - beta_2**step) / (1 - beta_1**step)
-    return w - m * alpha / (np.sqrt(v) + epsilon) - lr * weight_decay * w, m, v
+    update = m * alpha / (np.sqrt(v) + epsilon)
+    return decay(w, update, lr * weight_decay, cautious) - update, m, v

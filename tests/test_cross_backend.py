@@ -38,7 +38,7 @@ model.set_weights(initial)
 # Few distinct tokens: every batch repeats rows of the embedding.
 data = rng.integers(0, 6, size=(64, 17))
 model.compile(
-    optimizer=keras_muon.Muon(learning_rate=0.01, weight_decay=0.1, per_head=True),
+    optimizer=eval(sys.argv[2]),
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
 )
 model.fit(data[:, :-1], data[:, 1:], batch_size=16, epochs=2, shuffle=False, verbose=0)
@@ -47,14 +47,22 @@ np.savez(sys.argv[1], *[np.stack([a, b]) for a, b in zip(initial, final)])
 """
 
 
-def test_backends_agree(tmp_path):
+OPTIMIZERS = [
+    "keras_muon.Muon(learning_rate=0.01, weight_decay=0.1, per_head=True)",
+    "keras_muon.NorMuon(learning_rate=0.01, weight_decay=0.1, cautious_weight_decay=True)",
+    "keras_muon.AdaMuon(learning_rate=0.01, weight_decay=0.1)",
+]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_backends_agree(tmp_path, optimizer):
     root = Path(__file__).resolve().parent.parent
     runs = {}
     for backend in BACKENDS:
         env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(root))
         out = tmp_path / f"{backend}.npz"
         runs[backend] = (out, subprocess.Popen(
-            [sys.executable, "-c", TRAIN, str(out)], env=env,
+            [sys.executable, "-c", TRAIN, str(out), optimizer], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     weights = {}

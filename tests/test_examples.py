@@ -50,6 +50,14 @@ def test_char_transformer(tmp_path):
         assert len(curves["val_loss"]) == 3 and curves["loss"][0] is None
 
 
+def test_examples_run_the_optimizers_named_by_the_optimizer_flag(tmp_path):
+    names = ["keras_muon.NorMuon", "keras_muon.AdaMuon", "keras_muon.Muon cautious_weight_decay=True"]
+    flags = [flag for name in names for flag in ("--optimizer", name)]
+    rows = char_transformer.main([*TINY_TRANSFORMER, *flags, "--output", str(tmp_path)])
+    assert [row["optimizer"] for row in rows] == names
+    assert all(math.isfinite(row["validation loss"]) for row in rows)
+
+
 def test_char_transformer_rejects_an_interval_that_does_not_divide_the_steps(tmp_path):
     with pytest.raises(ValueError, match="multiple of eval_every"):
         char_transformer.main([*TINY_TRANSFORMER, "--eval-every", "3", "--output", str(tmp_path)])
@@ -76,14 +84,16 @@ def test_keras_hub_gpt2(tmp_path, capsys):
 
 
 def test_quality_benchmark(tmp_path, capsys):
+    names = [*OPTIMIZERS, "keras_muon.NorMuon"]
     summary = quality.main(
-        [*TINY_TRANSFORMER, "--learning-rates", "1e-3", "1e-2", "--output", str(tmp_path)]
+        [*TINY_TRANSFORMER, "--learning-rates", "1e-3", "1e-2", "--optimizers", *names,
+         "--output", str(tmp_path)]
     )
-    assert [row["optimizer"] for row in summary] == OPTIMIZERS
+    assert [row["optimizer"] for row in summary] == names
     adamw = summary[1]
     assert adamw["fraction of AdamW's steps"] == 1.0
     runs = json.loads((tmp_path / "quality.json").read_text())["runs"]
-    assert len(runs) == 6
+    assert len(runs) == 8
     assert {run["learning_rate"] for run in runs} == {1e-3, 1e-2}
     assert (tmp_path / "quality.png").exists()
     assert "final validation loss per peak learning rate" in capsys.readouterr().out
@@ -140,15 +150,17 @@ def test_validation_windows_do_not_depend_on_the_number_of_training_windows():
 
 def test_step_time_benchmark(tmp_path):
     backend = keras.backend.backend()
+    variants = ["keras_muon.NorMuon", "keras_muon.AdaMuon"]
     step_time.main([
         "--backend", backend, "--widths", "64", "--depth", "1", "--batch-size", "2",
         "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--output", str(tmp_path),
+        "--optimizers", *OPTIMIZERS, *variants,
     ])
     result = json.loads((tmp_path / f"step_time_{backend}.json").read_text())
     assert result["backend"] == backend
     entry = result["widths"]["64"]
     rows = entry["optimizers"]
-    assert list(rows) == OPTIMIZERS
+    assert sorted(rows) == sorted(OPTIMIZERS + variants)
     for row in rows.values():
         assert row["train step seconds"] > 0 and row["update seconds"] > 0
     adamw = rows["keras.optimizers.AdamW"]
@@ -162,6 +174,12 @@ def test_step_time_benchmark(tmp_path):
     assert [group["shape"] for group in entry["newton_schulz"]] == [[4, 64, 64], [2, 64, 256]]
     assert rows["keras_muon.Muon"]["ns flops"] == sum(g["flops"] for g in entry["newton_schulz"])
     assert rows["keras.optimizers.Muon"]["ns flops"] > 0
+    # NorMuon adds one float32 entry per neuron of the longer side of each
+    # block (64 per attention block, 256 per feed-forward one); AdaMuon a
+    # second moment the size of each matrix, as AdamW.
+    muon = rows["keras_muon.Muon"]["state bytes"]
+    assert rows["keras_muon.NorMuon"]["state bytes"] - muon == 4 * (4 * 64 + 2 * 256)
+    assert rows["keras_muon.AdaMuon"]["state bytes"] == adamw["state bytes"]
 
 
 def test_step_time_benchmark_rejects_widths_without_whole_heads(tmp_path):
