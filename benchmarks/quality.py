@@ -1,6 +1,7 @@
-"""Training quality: keras_muon.Muon, keras.optimizers.AdamW and
-keras.optimizers.Muon on the char transformer of examples/char_transformer.py,
-each over the same learning-rate grid and the same schedule shape.
+"""Training quality: keras_muon's optimizers (Muon, with cautious weight
+decay, NorMuon, AdaMuon), keras.optimizers.AdamW and keras.optimizers.Muon
+on the char transformer of examples/char_transformer.py, each over the same
+learning-rate grid and the same schedule shape.
 
 Every run starts from the same initial weights and sees the same batches.
 Prints the final validation loss of every run, the best per optimizer, and
@@ -62,8 +63,9 @@ def main(argv=None):
         f"(default {' '.join(map(str, LEARNING_RATES))})",
     )
     parser.add_argument(
-        "--optimizers", nargs="+", choices=list(common.OPTIMIZERS),
-        default=list(common.OPTIMIZERS), help="optimizers to run (default all three)",
+        "--optimizers", nargs="+", choices=list(common.OPTIMIZERS), metavar="NAME",
+        default=list(common.OPTIMIZERS),
+        help=f"optimizers to run (default all): {'; '.join(common.OPTIMIZERS)}",
     )
     parser.add_argument(
         "--muon-option", type=option, action="append", default=[], metavar="NAME=VALUE",

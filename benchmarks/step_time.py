@@ -1,5 +1,6 @@
 """Step time, update time, optimizer state and Newton–Schulz throughput of
-keras_muon.Muon, keras.optimizers.AdamW and keras.optimizers.Muon.
+keras_muon's optimizers (Muon, NorMuon, AdaMuon, ...), keras.optimizers.AdamW
+and keras.optimizers.Muon.
 
 The model is the GPT-like char transformer of examples/char_transformer.py
 (MultiHeadAttention with 64-dimensional heads, a 4·d feed-forward layer,
@@ -42,6 +43,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BACKENDS = ("jax", "tensorflow", "torch")
 NS_STEPS = 5
 HEAD_SIZE = 64
+ADAMW = "keras.optimizers.AdamW"
+MUON = "keras_muon.Muon"
 
 
 def main(argv=None):
@@ -61,6 +64,11 @@ def main(argv=None):
     parser.add_argument(
         "--ns-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
         help="keras_muon's Newton–Schulz dtype, its ns_dtype (default float32)",
+    )
+    parser.add_argument(
+        "--optimizers", nargs="+", metavar="NAME", default=None,
+        help="optimizers to measure, names as examples/common.py's OPTIMIZERS "
+        "(default: all of them; AdamW is always measured)",
     )
     parser.add_argument("--output", type=Path, default=Path("results"), help="folder for the JSON (default ./results)")
     args = parser.parse_args(argv)
@@ -130,7 +138,11 @@ def measure_backend(args):
         x, y = tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32")
         rows = {}
         train_calls, update_calls = {}, {}
-        for name in common.OPTIMIZERS:
+        names = args.optimizers or list(common.OPTIMIZERS)
+        unknown = sorted(set(names) - set(common.OPTIMIZERS))
+        if unknown:
+            raise ValueError(f"--optimizers: unknown {unknown}; choose from {list(common.OPTIMIZERS)}")
+        for name in dict.fromkeys([ADAMW, *names]):
             model = build()
             optimizer = make_optimizer(name, model, args.ns_dtype)
             model.compile(optimizer=optimizer, **char_transformer.LOSS)
@@ -164,17 +176,16 @@ def measure_backend(args):
 
 
 def make_optimizer(name, model, ns_dtype):
-    import keras
+    import common
 
-    import keras_muon
-
-    if name == "keras_muon.Muon":
-        optimizer = keras_muon.Muon(ns_steps=NS_STEPS, ns_dtype=ns_dtype)
+    factory = common.OPTIMIZERS[name]
+    if name.startswith("keras_muon."):
+        optimizer = factory(ns_steps=NS_STEPS, ns_dtype=ns_dtype)
         optimizer.attach(model)
         return optimizer
     if name == "keras.optimizers.Muon":
-        return keras.optimizers.Muon(ns_steps=NS_STEPS)
-    return keras.optimizers.AdamW()
+        return factory(ns_steps=NS_STEPS)
+    return factory()
 
 
 def update_call(name, model, ns_dtype):
@@ -376,19 +387,27 @@ def synced(function, *inputs):
 
 
 def print_tables(result):
-    adamw = "keras.optimizers.AdamW"
     print(f"\nbackend {result['backend']} ({result['versions']}), {result['setting']}, {result['machine']}")
-    header = f"{'d':>4}  {'optimizer':<22} {'step ms':>8} {'× AdamW':>7} {'update ms':>9} {'state MB':>8} {'× AdamW':>7} {'NS GFLOP':>8}"
-    print(header)
+    names = {name for entry in result["widths"].values() for name in entry["optimizers"]}
+    column = max(len(name) for name in names)
+    print(
+        f"{'d':>4}  {'optimizer':<{column}} {'step ms':>8} {'× AdamW':>7} {'× Muon':>6} "
+        f"{'update ms':>9} {'state MB':>8} {'× AdamW':>7} {'× Muon':>6} {'NS GFLOP':>8}"
+    )
     for width, entry in result["widths"].items():
         rows = entry["optimizers"]
-        base = rows[adamw]
+        adamw, muon = rows[ADAMW], rows.get(MUON)
+
+        def ratio(row, base, key, digits):
+            return f"{row[key] / base[key]:>{digits}.2f}" if base else f"{'-':>{digits}}"
+
         for name, row in rows.items():
             print(
-                f"{width:>4}  {name:<22} {1e3 * row['train step seconds']:>8.1f} "
-                f"{row['train step seconds'] / base['train step seconds']:>7.2f} "
+                f"{width:>4}  {name:<{column}} {1e3 * row['train step seconds']:>8.1f} "
+                f"{ratio(row, adamw, 'train step seconds', 7)} {ratio(row, muon, 'train step seconds', 6)} "
                 f"{1e3 * row['update seconds']:>9.1f} {row['state bytes'] / 1e6:>8.2f} "
-                f"{row['state bytes'] / base['state bytes']:>7.2f} {row['ns flops'] / 1e9:>8.2f}"
+                f"{ratio(row, adamw, 'state bytes', 7)} {ratio(row, muon, 'state bytes', 6)} "
+                f"{row['ns flops'] / 1e9:>8.2f}"
             )
     print(
         f"\n{'d':>4}  {'blocks × r × c':<16} {'iteration':<9} {'NS ms':>7} {'NS GFLOP/s':>10} "

@@ -4,7 +4,7 @@ learning-rate schedule, a training loop that records curves, and the output
 """
 
 import argparse
-import inspect
+import functools
 import json
 import time
 from pathlib import Path
@@ -14,12 +14,26 @@ import numpy as np
 
 import keras_muon
 
-# The optimizers every example compares, by the name the tables print.
+# The optimizers the examples and benchmarks run, by the name the tables
+# print (and `--optimizer` takes).
 OPTIMIZERS = {
     "keras_muon.Muon": keras_muon.Muon,
     "keras.optimizers.AdamW": keras.optimizers.AdamW,
     "keras.optimizers.Muon": keras.optimizers.Muon,
+    "keras_muon.Muon cautious_weight_decay=True": functools.partial(
+        keras_muon.Muon, cautious_weight_decay=True
+    ),
+    "keras_muon.NorMuon": keras_muon.NorMuon,
+    "keras_muon.NorMuon neuron_axis=output": functools.partial(
+        keras_muon.NorMuon, neuron_axis="output"
+    ),
+    "keras_muon.AdaMuon": keras_muon.AdaMuon,
+    "keras_muon.AdaMuon sign_input=False": functools.partial(
+        keras_muon.AdaMuon, sign_input=False
+    ),
 }
+# The ones an example compares when no `--optimizer` is given.
+COMPARED = ("keras_muon.Muon", "keras.optimizers.AdamW", "keras.optimizers.Muon")
 
 
 def peak_learning_rate(name, requested=None):
@@ -27,7 +41,7 @@ def peak_learning_rate(name, requested=None):
     when none is given."""
     if requested is not None:
         return requested
-    return inspect.signature(OPTIMIZERS[name]).parameters["learning_rate"].default
+    return float(keras.ops.convert_to_numpy(OPTIMIZERS[name]().learning_rate))
 
 
 def warmup_cosine(peak, steps):
@@ -139,13 +153,13 @@ def train(name, peak, build_model, weights, data, steps, batch_size, eval_every=
 
 
 def compare(args, stem, title, train_one, columns, plot_metrics):
-    """Runs `train_one(name, peak)` for every optimizer in OPTIMIZERS at its
-    peak learning rate (`args.learning_rate` or its default), prints a
-    table of the final value of each metric in `columns` ({label: metric})
-    and the wall time, and writes the curves to `args.output`. Returns the
-    table's rows."""
+    """Runs `train_one(name, peak)` for every optimizer of `args.optimizers`
+    (by default COMPARED) at its peak learning rate (`args.learning_rate`
+    or its default), prints a table of the final value of each metric in
+    `columns` ({label: metric}) and the wall time, and writes the curves to
+    `args.output`. Returns the table's rows."""
     runs, rows = {}, []
-    for name in OPTIMIZERS:
+    for name in args.optimizers or COMPARED:
         peak = peak_learning_rate(name, args.learning_rate)
         print(f"\n{name}, peak learning rate {peak}")
         runs[name] = curves = train_one(name, peak)
@@ -192,6 +206,11 @@ def argument_parser(description, steps=None, epochs=None, output="results", lear
             "--learning-rate", type=float, default=None,
             help="one peak learning rate for every optimizer (default: each "
             "optimizer's own default learning rate)",
+        )
+        parser.add_argument(
+            "--optimizer", dest="optimizers", action="append", choices=list(OPTIMIZERS),
+            metavar="NAME", help="an optimizer to run, repeatable (default: "
+            f"{', '.join(COMPARED)}); one of: {'; '.join(OPTIMIZERS)}",
         )
     parser.add_argument(
         "--seed", type=int, default=0,
