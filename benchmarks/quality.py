@@ -139,7 +139,7 @@ def _plot(output, setting, runs, best):
         (grid_axis, [[None] + [run["val_loss"][-1] for run in runs]]),
     ):
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=7)
         common.zoom_on_tail(axis, values)
     figure.suptitle(setting, fontsize=9)
     figure.tight_layout()
