@@ -134,15 +134,22 @@ def _output_heads(model, trained):
     `trained` holds the ids of the variables being trained: a guess looks
     only at layers that own some.
     """
-    with _GraphRestored() as graph:
+    with _GraphRestored(model) as graph:
         walk = _HeadWalk(trained, graph)
-        outputs = _symbolic_outputs(model)
-        if outputs is None:
-            outputs = graph.trace_model(model)
-        if outputs is None:
-            walk.guess(model)
-        else:
-            walk.run(outputs)
+        try:
+            outputs = _symbolic_outputs(model)
+            if outputs is None:
+                outputs = graph.trace_model(model)
+            if outputs is not None:
+                walk.run(outputs)
+                return walk.heads
+        except Exception as e:  # a model this walk does not understand
+            warnings.warn(
+                f"keras_muon could not follow the outputs of {model.name!r} "
+                f"({type(e).__name__}: {e}); its output heads are guessed."
+            )
+        walk.heads.clear()
+        walk.guess(model)
         return walk.heads
 
 
@@ -152,7 +159,12 @@ def _symbolic_outputs(model):
         outputs = model.outputs
     except (AttributeError, ValueError):
         return None
-    return outputs or None
+    # A subclassed model may have an attribute of that name.
+    if not isinstance(outputs, (list, tuple, dict)) or not outputs:
+        return None
+    if not all(isinstance(t, keras.KerasTensor) for t in tree.flatten(outputs)):
+        return None
+    return outputs
 
 
 # Operations that contract their operands: one with a constant matrix
@@ -279,11 +291,16 @@ class _HeadWalk:
 
 
 def _carries_prediction(tensor):
-    """Whether `tensor` is symbolic and floating point: masks and indices
-    are not predictions."""
-    return getattr(tensor, "_keras_history", None) is not None and (
-        keras.backend.is_float_dtype(tensor.dtype)
-    )
+    """Whether `tensor` is computed in the graph (not an input) and floating
+    point: masks and indices are not predictions."""
+    return _producer(tensor) is not None and keras.backend.is_float_dtype(tensor.dtype)
+
+
+def _producer(tensor):
+    """The operation that computed symbolic `tensor`, or None for an input
+    (Keras gives an input without history one without an operation)."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
 
 
 def _computes_floats(layer, node, tensor_index):
@@ -341,9 +358,10 @@ def _upstream(tensor):
     seen = set()
     pending = [tensor]
     while pending:
-        history = getattr(pending.pop(), "_keras_history", None)
-        if history is None:
+        tensor = pending.pop()
+        if _producer(tensor) is None:
             continue
+        history = tensor._keras_history
         node = history.operation._inbound_nodes[history.node_index]
         for parent in tree.flatten(node.input_tensors):
             if id(parent) not in seen:
@@ -354,21 +372,25 @@ def _upstream(tensor):
 
 class _GraphRestored:
     """Traces `call` methods on symbolic tensors, and on exit restores the
-    node lists of the layers the tracing touched.
+    node lists of the model's layers, which tracing appends to.
 
     A traced call runs on fresh symbolic inputs shaped like the node's
     arguments; `outer_tensor` maps each back to the argument it stands for.
+    It runs in a stateless scope: variables it assigns keep their values.
     """
 
-    def __init__(self):
-        self._saved = {}
+    def __init__(self, model):
+        self._saved = [
+            (layer, len(layer._inbound_nodes), len(layer._outbound_nodes))
+            for layer in model._flatten_layers(include_self=True, recursive=True)
+        ]
         self._outer = {}
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        for layer, inbound, outbound in self._saved.values():
+        for layer, inbound, outbound in self._saved:
             del layer._inbound_nodes[inbound:]
             del layer._outbound_nodes[outbound:]
 
@@ -420,18 +442,11 @@ class _GraphRestored:
     def _call(self, layer, args, kwargs):
         """`layer.call(*args, **kwargs)` on symbolic tensors, retried with
         unknown dimensions set (code that needs a length to run), or None."""
-        for layer_ in layer._flatten_layers(include_self=True, recursive=True):
-            if id(layer_) not in self._saved:
-                self._saved[id(layer_)] = (
-                    layer_,
-                    len(layer_._inbound_nodes),
-                    len(layer_._outbound_nodes),
-                )
         for known in (False, True):
             if known:
                 args, kwargs = tree.map_structure(self._known_shape, (args, kwargs))
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), keras.StatelessScope():
                     warnings.simplefilter("ignore")
                     outputs = layer.call(*args, **kwargs)
             except Exception:  # any failure of user code means "cannot trace"

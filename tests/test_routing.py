@@ -800,3 +800,61 @@ def test_a_conv_with_one_channel_per_group_is_depthwise():
     assert table["depthwise/kernel"]["route"] == "adamw"
     assert table["depthwise/kernel"]["reason"] == "Conv2D depthwise kernel (groups=channels)"
     assert (table["multiplier/kernel"]["matrix_shape"], table["multiplier/kernel"]["num_blocks"]) == ((9, 2), 4)
+
+
+@pytest.mark.parametrize("wrapper", ["TimeDistributed", "Bidirectional"])
+def test_composite_wrappers_at_the_output(wrapper):
+    inputs = keras.Input((5, 8))
+    hidden = layers.Dense(8, name="hidden")(inputs)
+    if wrapper == "TimeDistributed":
+        outputs = layers.TimeDistributed(layers.Dense(3, name="inner"))(hidden)
+    else:
+        outputs = layers.Bidirectional(layers.LSTM(3))(hidden)
+    table = table_for(keras.Model(inputs, outputs))
+    assert table["hidden/kernel"]["route"] == "muon"
+    heads = [p for p, row in table.items() if "output head" in row["reason"]]
+    assert heads and all("hidden" not in p for p in heads)
+
+
+class ResidualCounting(keras.Model):
+    """A residual output, two outputs (one not from a layer), and a call
+    with a side effect on a variable."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = layers.Dense(4)
+        self.head = layers.Dense(4)
+        self.calls = keras.Variable(0.0, trainable=False)
+
+    def call(self, x):
+        self.calls.assign_add(1.0)
+        return x + self.head(self.hidden(x)), ops.mean(x, axis=-1)
+
+
+def test_subclassed_residual_model_is_traced_without_side_effects():
+    model = ResidualCounting()
+    model(np.ones((2, 4)))
+    table = table_for(model)
+    assert table[model.head.kernel.path]["reason"] == f"output head (Dense '{model.head.name}')"
+    assert table[model.hidden.kernel.path]["route"] == "muon"
+    assert float(ops.convert_to_numpy(model.calls)) == 1.0  # tracing assigned nothing
+
+
+class OutputsAttribute(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = layers.Dense(4)
+        self.outputs = [layers.Dense(2), layers.Dense(3)]  # not symbolic tensors
+
+    def call(self, x):
+        hidden = self.hidden(x)
+        return [head(hidden) for head in self.outputs]
+
+
+def test_an_attribute_named_outputs_is_not_taken_for_the_graph():
+    model = OutputsAttribute()
+    model(np.ones((2, 4)))
+    table = table_for(model)
+    assert table[model.hidden.kernel.path]["route"] == "muon"
+    for head in model.outputs:
+        assert table[head.kernel.path]["reason"] == f"output head (Dense '{head.name}')"
