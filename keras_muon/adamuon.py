@@ -24,8 +24,8 @@ class AdaMuon(Muon):
 
     Each block's update has RMS exactly `rms_rate`, as AdamW's typically
     has, so AdamW's learning rate and weight decay carry over. `V` has the
-    size of the variable (float32): the state of a Muon variable is then
-    the size of AdamW's, two moments. Routing, views, batching and the AdamW
+    shape and layout of the variable (float32): the state of a Muon
+    variable is then the size of AdamW's, two moments. Routing, views, batching and the AdamW
     side are `Muon`'s.
 
     Args:
@@ -59,8 +59,11 @@ class AdaMuon(Muon):
         return self.rms_rate * math.sqrt(view.d_in * view.d_out)
 
     def _add_block_state(self, variable, view):
-        shape = (view.num_blocks, view.d_in, view.d_out)
-        return self._add_float32_state(variable, "second_moment", shape)
+        # The variable's shape and layout, so that it is sharded as the
+        # variable is; read as blocks at each step.
+        return self._add_float32_state(
+            variable, "second_moment", variable.shape, getattr(variable, "_layout", None)
+        )
 
     def _muon_direction(self, index, gradient):
         direction = super()._muon_direction(index, gradient)
@@ -68,9 +71,12 @@ class AdaMuon(Muon):
 
     def _normalized(self, index, orthogonal_blocks):
         state = self._block_states[index]
+        view = self._routes[index].view
         beta_2 = self.momentum if self.beta_2 is None else self.beta_2
-        normalized, second_moment = normalization.adamuon(orthogonal_blocks, state, beta_2)
-        self.assign(state, second_moment)
+        normalized, second_moment = normalization.adamuon(
+            orthogonal_blocks, view.to_blocks(state), beta_2
+        )
+        self.assign(state, view.from_blocks(second_moment))
         return normalized
 
     def get_config(self):

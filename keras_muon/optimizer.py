@@ -256,8 +256,8 @@ class Muon(keras.optimizers.Optimizer):
         return update_scale(self.scale, view.d_in, view.d_out, self.rms_rate)
 
     def _add_block_state(self, variable, view):
-        """State a variant keeps per Muon variable besides its momentum, in
-        the `(num_blocks, d_in, d_out)` layout of `view`: none for Muon."""
+        """State a variant keeps per Muon variable besides its momentum:
+        none for Muon."""
         return None
 
     def _normalized(self, index, orthogonal_blocks):

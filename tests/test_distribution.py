@@ -102,6 +102,10 @@ def test_jax_data_and_model_parallel_match_one_device(tmp_path):
     expected = {(path, "momentum"): layout for path, layout in {**muon_kernels, **adamw}.items()}
     expected.update({(path, "velocity"): layout for path, layout in adamw.items()})
     assert sharded == expected
+    # AdaMuon's second moment of each Muon kernel is sharded as the kernel.
+    rows = result["ModelParallel AdaMuon second moments"]
+    assert {row["variable"]: tuple(row["state layout"]) for row in rows} == muon_kernels
+    assert all(row["state layout"] == row["variable layout"] for row in rows)
     # 16-bit variables keep a float32 state, with their layout.
     rows = result["ModelParallel bfloat16 state"]
     for row in rows:
@@ -243,6 +247,14 @@ def jax_case():
         model, optimizer = fit(weights, data, distribution.scope())
         result[name] = differences(one_device, snapshot(model, optimizer))
         result[name]["state"] = state_layouts(model, optimizer)
+    with distributions["ModelParallel"].scope():
+        model = transformer()
+        optimizer = keras_muon.AdaMuon()
+        optimizer.attach(model)
+        optimizer.build(model.trainable_variables)
+    result["ModelParallel AdaMuon second moments"] = [
+        row for row in state_layouts(model, optimizer) if row["state"] == "second_moment"
+    ]
     keras.config.set_dtype_policy("bfloat16")
     with distributions["ModelParallel"].scope():
         model = transformer()
@@ -256,9 +268,9 @@ def jax_case():
 
 
 def state_layouts(model, optimizer):
-    """For each state variable of each trainable variable (a momentum, and
-    for AdamW a velocity): the variable's layout, the state's own layout
-    and dtype, and on how many devices it lives."""
+    """For each state variable of each trainable variable (a momentum; for
+    AdamW a velocity; for AdaMuon a second moment): the variable's layout,
+    the state's own layout and dtype, and on how many devices it lives."""
 
     def layout(variable):
         spec = list(variable.value.sharding.spec)
@@ -267,7 +279,7 @@ def state_layouts(model, optimizer):
     states = {v.path: v for v in optimizer.variables}
     rows = []
     for variable in model.trainable_variables:
-        for kind in ("momentum", "velocity"):
+        for kind in ("momentum", "velocity", "second_moment"):
             state = states.get(f"{optimizer.name}/{variable.path.replace('/', '_')}_{kind}")
             if state is not None:
                 rows.append(
