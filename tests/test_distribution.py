@@ -247,22 +247,21 @@ def jax_case():
         model, optimizer = fit(weights, data, distribution.scope())
         result[name] = differences(one_device, snapshot(model, optimizer))
         result[name]["state"] = state_layouts(model, optimizer)
-    with distributions["ModelParallel"].scope():
-        model = transformer()
-        optimizer = keras_muon.AdaMuon()
-        optimizer.attach(model)
-        optimizer.build(model.trainable_variables)
+
+    def model_parallel_state(optimizer_type):
+        with distributions["ModelParallel"].scope():
+            model = transformer()
+            optimizer = optimizer_type()
+            optimizer.attach(model)
+            optimizer.build(model.trainable_variables)
+        return state_layouts(model, optimizer)
+
     result["ModelParallel AdaMuon second moments"] = [
-        row for row in state_layouts(model, optimizer) if row["state"] == "second_moment"
+        row for row in model_parallel_state(keras_muon.AdaMuon) if row["state"] == "second_moment"
     ]
     keras.config.set_dtype_policy("bfloat16")
-    with distributions["ModelParallel"].scope():
-        model = transformer()
-        optimizer = keras_muon.Muon()
-        optimizer.attach(model)
-        optimizer.build(model.trainable_variables)
     result["ModelParallel bfloat16 state"] = [
-        row for row in state_layouts(model, optimizer) if "model" in row["variable layout"]
+        row for row in model_parallel_state(keras_muon.Muon) if "model" in row["variable layout"]
     ]
     return result
 
