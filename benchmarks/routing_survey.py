@@ -135,12 +135,12 @@ def differences(old, new):
     return changed
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--save", help="write the routes to this JSON file")
     parser.add_argument("--compare", help="a JSON file written by --save")
     parser.add_argument("--models", nargs="*", default=[*KERAS_HUB, *APPLICATIONS])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # Through JSON, as a saved run is read back (tuples become lists).
     results = json.loads(json.dumps(survey(args.models)))
     header = ("model", "variables", "muon", "muon blocks", "head variables", "guessed")
@@ -160,6 +160,7 @@ def main():
             for before, after in changes:
                 print(f"  {after[0]}: {before[1]} {before[2]}×{before[3]} -> "
                       f"{after[1]} {after[2]}×{after[3]} ({after[4]})")
+    return results
 
 
 if __name__ == "__main__":

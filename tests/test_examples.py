@@ -23,6 +23,7 @@ import digits_convnet  # noqa: E402
 import keras_hub_gpt2  # noqa: E402
 import msign_accuracy  # noqa: E402
 import quality  # noqa: E402
+import routing_survey  # noqa: E402
 import step_time  # noqa: E402
 
 TINY_TRANSFORMER = [
@@ -246,3 +247,16 @@ def test_distributed_jax_rejects_sizes_that_do_not_split_over_the_devices(tmp_pa
     completed = run_distributed_jax(tmp_path, "--model-axis", "4", "--heads", "2", "--steps", "1")
     assert completed.returncode != 0
     assert "--heads (2) must be a multiple of --model-axis (4)" in completed.stderr
+
+
+def test_routing_survey(tmp_path, capsys):
+    saved = tmp_path / "routes.json"
+    models = ["MixtralCausalLM", "MobileNetV2"]
+    routes = routing_survey.main(["--models", *models, "--save", str(saved)])
+    assert list(routes) == models
+    experts = [row for row in routes["MixtralCausalLM"] if "per expert" in row[4]]
+    assert len(experts) == 3 and all(row[1] == "muon" and row[3] == 4 for row in experts)
+    routing_survey.main(["--models", *models, "--compare", str(saved)])
+    out = capsys.readouterr().out
+    assert "| MixtralCausalLM | 13 | 8 | 17 | 2 | 0 |" in out
+    assert "MixtralCausalLM: 0\nMobileNetV2: 0" in out
