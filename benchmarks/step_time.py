@@ -127,6 +127,10 @@ def measure_backend(args):
         ),
         "widths": {},
     }
+    names = dict.fromkeys([ADAMW, *(args.optimizers or common.OPTIMIZERS)])
+    unknown = sorted(set(names) - set(common.OPTIMIZERS))
+    if unknown:
+        raise ValueError(f"--optimizers: unknown {unknown}; choose from {list(common.OPTIMIZERS)}")
     for width in args.widths:
         print(f"\n{backend}, width {width}", flush=True)
         keras.utils.set_random_seed(0)
@@ -138,11 +142,7 @@ def measure_backend(args):
         x, y = tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32")
         rows = {}
         train_calls, update_calls = {}, {}
-        names = args.optimizers or list(common.OPTIMIZERS)
-        unknown = sorted(set(names) - set(common.OPTIMIZERS))
-        if unknown:
-            raise ValueError(f"--optimizers: unknown {unknown}; choose from {list(common.OPTIMIZERS)}")
-        for name in dict.fromkeys([ADAMW, *names]):
+        for name in names:
             model = build()
             optimizer = make_optimizer(name, model, args.ns_dtype)
             model.compile(optimizer=optimizer, **char_transformer.LOSS)
