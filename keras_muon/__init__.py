@@ -1,6 +1,7 @@
 """Muon for Keras 3: layer-aware, on TensorFlow, JAX and PyTorch."""
 
 from keras_muon.adamuon import AdaMuon
+from keras_muon.callbacks import QKClipMonitor
 from keras_muon.matrix_views import MatrixView
 from keras_muon.matrix_views import Route
 from keras_muon.matrix_views import register_layer_rule
@@ -8,18 +9,23 @@ from keras_muon.newton_schulz import coefficient_schedule
 from keras_muon.newton_schulz import msign
 from keras_muon.normuon import NorMuon
 from keras_muon.optimizer import Muon
+from keras_muon.qk_clip import AttentionSpec
+from keras_muon.qk_clip import register_attention_rule
 from keras_muon.scaling import update_scale
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaMuon",
+    "AttentionSpec",
     "MatrixView",
     "Muon",
     "NorMuon",
+    "QKClipMonitor",
     "Route",
     "coefficient_schedule",
     "msign",
+    "register_attention_rule",
     "register_layer_rule",
     "update_scale",
 ]

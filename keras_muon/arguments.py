@@ -4,7 +4,7 @@ import math
 import numbers
 
 
-def number(arg, value, minimum=None, below=None, above=None, optional=False):
+def number(arg, value, minimum=None, below=None, above=None, maximum=None, optional=False):
     """`value` as a Python float, or a ValueError naming `arg` and the bounds."""
     if value is None and optional:
         return None
@@ -15,6 +15,8 @@ def number(arg, value, minimum=None, below=None, above=None, optional=False):
         bounds.append(f"> {above}")
     if below is not None:
         bounds.append(f"< {below}")
+    if maximum is not None:
+        bounds.append(f"<= {maximum}")
     if not (
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
@@ -22,6 +24,7 @@ def number(arg, value, minimum=None, below=None, above=None, optional=False):
         and (minimum is None or value >= minimum)
         and (above is None or value > above)
         and (below is None or value < below)
+        and (maximum is None or value <= maximum)
     ):
         allowed = "a finite number " + " and ".join(bounds)
         if optional:

@@ -6,14 +6,21 @@ which need nothing new. The layers below create their matrices with
 per expert, some with the gate and up projections fused on the output
 axis) and a few others. `register()` declares them when keras-hub has been
 imported; keras_muon does not depend on keras-hub.
+
+`register_attention()` declares, for QK-Clip, where keras-hub's attention
+layers keep their query and key projections.
 """
 
 import importlib
+
+import numpy as np
 
 from keras_muon.matrix_views import MatrixView
 from keras_muon.matrix_views import Route
 from keras_muon.matrix_views import not_a_matrix
 from keras_muon.matrix_views import register_default_rule
+from keras_muon.qk_clip import einsum_projection_rule
+from keras_muon.qk_clip import register_default_attention_rule
 
 
 def matrix_view(shape):
@@ -126,9 +133,69 @@ def register():
 
     A rule the user registered for one of these types is kept.
     """
-    for (module, name), entries in LAYER_MATRICES.items():
+    for layer_type, entries in _present(LAYER_MATRICES):
+        register_default_rule(layer_type, layer_matrices_rule(entries))
+
+
+def _present(table):
+    """`(layer type, value)` for the classes of `table` this keras-hub has."""
+    for (module, name), value in table.items():
         try:
-            layer_type = getattr(importlib.import_module(module), name)
+            yield getattr(importlib.import_module(module), name), value
         except (ImportError, AttributeError):  # an older or newer keras-hub
             continue
-        register_default_rule(layer_type, layer_matrices_rule(entries))
+
+
+def _gemma_scale(layer):
+    if layer.query_head_dim_normalize:
+        return 1 / np.sqrt(layer.head_dim)
+    return 1 / np.sqrt(layer.hidden_dim // layer.num_query_heads)
+
+
+def _gemma_mask(layer, query, key, arguments):
+    """Gemma narrows the mask to its sliding window inside the method."""
+    mask = arguments["attention_mask"]
+    if layer.use_sliding_window_attention and mask is not None:
+        mask = layer._mask_sliding_window(
+            mask, cache_update_index=arguments["cache_update_index"]
+        )
+    return mask
+
+
+def _gemma_rule(layer):
+    if getattr(layer, "use_query_key_norm", False):
+        return _QK_NORM
+    return einsum_projection_rule("query_dense", "key_dense", _gemma_scale, _gemma_mask)(layer)
+
+
+_QK_NORM = "QK-norm: scaling the query and key kernels does not change the logits"
+_LLAMA_LIKE = einsum_projection_rule("_query_dense", "_key_dense", lambda l: l._inv_norm_factor)
+_LLAMA_LIKE_PUBLIC = einsum_projection_rule(
+    "query_dense", "key_dense", lambda l: l._inv_norm_factor
+)
+# (module, class): rule, as in keras-hub 0.32. GPT-2 and the other models
+# built on CachedMultiHeadAttention use the MultiHeadAttention rule.
+ATTENTION_RULES = {
+    ("keras_hub.src.models.llama.llama_attention", "LlamaAttention"): _LLAMA_LIKE,
+    ("keras_hub.src.models.mistral.mistral_attention", "CachedMistralAttention"): _LLAMA_LIKE,
+    ("keras_hub.src.models.qwen.qwen_attention", "QwenAttention"): _LLAMA_LIKE,
+    ("keras_hub.src.models.mixtral.mixtral_attention", "CachedMixtralAttention"): (
+        _LLAMA_LIKE_PUBLIC
+    ),
+    ("keras_hub.src.models.qwen_moe.qwen_moe_attention", "QwenMoeAttention"): (
+        _LLAMA_LIKE_PUBLIC
+    ),
+    ("keras_hub.src.models.qwen3.qwen3_attention", "Qwen3Attention"): lambda layer: _QK_NORM,
+    ("keras_hub.src.models.qwen3_moe.qwen3_moe_attention", "Qwen3MoeAttention"): (
+        lambda layer: _QK_NORM
+    ),
+    ("keras_hub.src.models.gemma.gemma_attention", "CachedGemmaAttention"): _gemma_rule,
+    ("keras_hub.src.models.gemma3.gemma3_attention", "CachedGemma3Attention"): _gemma_rule,
+}
+
+
+def register_attention():
+    """Declares the QK-Clip rules of the keras-hub attention layers that
+    this keras-hub has. A rule the user registered is kept."""
+    for layer_type, rule in _present(ATTENTION_RULES):
+        register_default_attention_rule(layer_type, rule)

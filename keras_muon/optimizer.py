@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from keras_muon import routing
+from keras_muon.qk_clip import QKClip
 from keras_muon.arguments import boolean
 from keras_muon.arguments import number
 from keras_muon.newton_schulz import coefficient_schedule
@@ -118,6 +119,20 @@ class Muon(keras.optimizers.Optimizer):
             only to the entries whose update has the sign of the weight
             (Chen et al., 2025), on Muon's and AdamW's side alike.
             Defaults to `False`.
+        qk_clip_threshold: None, or a float `τ > 0`: QK-Clip (Kimi K2's
+            MuonClip). Each training step records every attention head's
+            largest pre-softmax logit `S_h`; after the update, a head with
+            `S_h > τ` has its query and key projections (kernel and bias)
+            multiplied by `γ^α` and `γ^(1−α)`, `γ = τ/S_h`, so that the
+            step's inputs would give logits of at most `τ`. Applies to the
+            attention layers with a rule (`register_attention_rule`):
+            `MultiHeadAttention`, `GroupQueryAttention` and keras-hub's
+            Llama, Mistral, Mixtral, Qwen, Gemma and GPT-2 attention. Use
+            `summary()` to see them, `max_logits()` and `clipped_heads()`
+            or the `QKClipMonitor` callback to watch them. Defaults to
+            `None` (off).
+        qk_clip_alpha: Float in [0, 1], the share of the clip taken by the
+            query projection. Defaults to `0.5`.
         name: String, the name of the optimizer and prefix of its variables.
         **kwargs: Arguments of every Keras optimizer: `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -131,6 +146,7 @@ class Muon(keras.optimizers.Optimizer):
           (Polar Express)
         - [Chen et al., 2025](https://arxiv.org/abs/2510.12402)
           (cautious weight decay)
+        - [Kimi Team, 2025](https://arxiv.org/abs/2507.20534) (QK-Clip)
     """
 
     def __init__(
@@ -152,6 +168,8 @@ class Muon(keras.optimizers.Optimizer):
         adam_weight_decay=0.004,
         adam_lr_ratio=1.0,
         cautious_weight_decay=False,
+        qk_clip_threshold=None,
+        qk_clip_alpha=0.5,
         name=None,
         **kwargs,
     ):
@@ -197,7 +215,17 @@ class Muon(keras.optimizers.Optimizer):
         )
         self.adam_lr_ratio = number("adam_lr_ratio", adam_lr_ratio, minimum=0.0)
         self.cautious_weight_decay = boolean("cautious_weight_decay", cautious_weight_decay)
+        self.qk_clip_threshold = number(
+            "qk_clip_threshold", qk_clip_threshold, above=0.0, optional=True
+        )
+        self.qk_clip_alpha = number("qk_clip_alpha", qk_clip_alpha, minimum=0.0, maximum=1.0)
+        if qk_clip_threshold is not None and self.gradient_accumulation_steps:
+            raise ValueError(
+                "`qk_clip_threshold` does not support `gradient_accumulation_steps`: "
+                "the clip needs the largest logit over all accumulated batches."
+            )
         self._attached_model = None
+        self._qk_clip = None
 
     def attach(self, model):
         """Names the model whose variables this optimizer will train.
@@ -226,6 +254,11 @@ class Muon(keras.optimizers.Optimizer):
         if model is None:
             model = routing.find_model(self, var_list)
         _reject_fsdp_parameters(model)
+        probes = []
+        if self.qk_clip_threshold is not None:
+            self._qk_clip = _qk_clip(model, self.qk_clip_threshold, self.qk_clip_alpha)
+            probes = self._qk_clip.probes
+            var_list = _with_probes(var_list, probes, model)
         super().build(var_list)
         routes = routing.route_variables(
             var_list, model, self.per_head, self._exclude_patterns
@@ -239,6 +272,8 @@ class Muon(keras.optimizers.Optimizer):
             momentum = velocity = block_state = None
             if self._overwrite_variable_with_gradient(variable):
                 route = routing.Route(None, "overwritten with its gradient")
+            elif _contains(probes, variable):
+                route = routing.Route(None, "QK-Clip logit probe, never updated")
             else:
                 momentum = self._add_state(variable, "momentum")
                 if route.view is None:
@@ -250,6 +285,8 @@ class Muon(keras.optimizers.Optimizer):
             self._velocities.append(velocity)
             self._block_states.append(block_state)
             self._scales.append(None if route.view is None else self._block_scale(route.view))
+        if self._qk_clip is not None:
+            self._qk_clip.build(self)
 
     def _block_scale(self, view):
         """The factor `s` of the update of `view`'s blocks."""
@@ -292,6 +329,16 @@ class Muon(keras.optimizers.Optimizer):
         variables = trainable_variables or self._trainable_variables
         if len(grads) == len(variables):
             grads = [_dense(g, v.shape) for g, v in zip(grads, variables)]
+        if self.qk_clip_threshold is not None and (self.built or trainable_variables):
+            built_now = not self.built
+            if built_now:
+                self.build(variables)
+            # A TensorFlow trace that built the optimizer ran the model
+            # before the probes existed; it only initializes the variables.
+            first_trace = built_now and _in_tf_function()
+            grads, trainable_variables = self._qk_clip.take_logits(
+                grads, variables, self, required=not first_trace
+            )
         return super().apply(grads, trainable_variables)
 
     def update_step(self, gradient, variable, learning_rate):
@@ -370,6 +417,8 @@ class Muon(keras.optimizers.Optimizer):
                 new_value = self._muon_update(index, variable, orthogonal[start:end], lr)
                 self.assign(variable, ops.cast(new_value, variable.dtype))
                 start = end
+        if self._qk_clip is not None:
+            self._qk_clip.clip(self)
 
     def _muon_direction(self, index, gradient):
         """Updates the momentum; returns the direction to orthogonalize."""
@@ -481,9 +530,12 @@ class Muon(keras.optimizers.Optimizer):
                 "`optimizer.build(model.trainable_variables)`."
             )
         rows = []
+        probes = self._qk_clip.probes if self._qk_clip else []
         for variable, route, scale in zip(
             self._trainable_variables, self._routes, self._scales
         ):
+            if _contains(probes, variable):
+                continue
             view = route.view
             rows.append(
                 {
@@ -536,7 +588,27 @@ class Muon(keras.optimizers.Optimizer):
         message = "\n".join(
             [f'Optimizer "{self.name}" routing', rule, text[0], rule, *text[1:], rule, totals]
         )
+        if self._qk_clip is not None:
+            message += "\n\n" + self._qk_clip.summary()
         (print_fn or print)(message)
+
+    def max_logits(self):
+        """QK-Clip's record of the last training step: the largest
+        attention logit of each query head, before the clip, as
+        `{layer path: numpy array (query_heads,)}`."""
+        return self._built_qk_clip().max_logits()
+
+    def clipped_heads(self):
+        """QK-Clip: the number of heads clipped in the last step."""
+        return self._built_qk_clip().clipped_count()
+
+    def _built_qk_clip(self):
+        if self.qk_clip_threshold is None or not self.built:
+            raise ValueError(
+                "QK-Clip statistics exist once an optimizer created with "
+                "`qk_clip_threshold` is built."
+            )
+        return self._qk_clip
 
     def get_config(self):
         config = super().get_config()
@@ -560,9 +632,47 @@ class Muon(keras.optimizers.Optimizer):
                 "adam_weight_decay": self.adam_weight_decay,
                 "adam_lr_ratio": self.adam_lr_ratio,
                 "cautious_weight_decay": self.cautious_weight_decay,
+                "qk_clip_threshold": self.qk_clip_threshold,
+                "qk_clip_alpha": self.qk_clip_alpha,
             }
         )
         return config
+
+
+def _qk_clip(model, threshold, alpha):
+    strategy = _tf_distribution_strategy()
+    if strategy is not None and not _is_mirrored_strategy(strategy):
+        raise ValueError(
+            f"`qk_clip_threshold` supports tf.distribute.MirroredStrategy, not "
+            f"{type(strategy).__name__}."
+        )
+    return QKClip(model, threshold, alpha)
+
+
+def _contains(variables, variable):
+    return any(v is variable for v in variables)
+
+
+def _with_probes(var_list, probes, model):
+    """`var_list` and the QK-Clip probes, whose gradients carry the logits,
+    in the model's order if that is all of the model's trainable variables
+    (JAX's trainer pairs them with the optimizer's by position)."""
+    var_list = [*var_list, *(p for p in probes if not _contains(var_list, p))]
+    ordered = model.trainable_variables
+    if len(ordered) == len(var_list) and all(_contains(var_list, v) for v in ordered):
+        return ordered
+    return var_list
+
+
+def _in_tf_function():
+    """Whether this runs while TensorFlow traces a function. A function
+    that creates variables in its first trace (an optimizer built by its
+    first `apply`) is traced again before it runs."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.inside_function()
 
 
 def _wide_blocks(view, x):

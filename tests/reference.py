@@ -113,3 +113,27 @@ def adamw_step(w, m, v, g, *, step, lr, beta_1, beta_2, epsilon, weight_decay,
     alpha = lr * np.sqrt(1 - beta_2**step) / (1 - beta_1**step)
     update = m * alpha / (np.sqrt(v) + epsilon)
     return decay(w, update, lr * weight_decay, cautious) - update, m, v
+
+
+def head_max_logits(query, key, scale, mask=None):
+    """QK-Clip's statistic: the largest `q·k·scale` per query head over
+    the batch and the allowed positions. `query` is `(b, t, hq, d)`, `key`
+    `(b, s, hk, d)`; query head `h` uses key head `h // (hq / hk)`."""
+    query, key = np.asarray(query, np.float64), np.asarray(key, np.float64)
+    group = query.shape[2] // key.shape[2]
+    key = np.repeat(key, group, axis=2)
+    logits = np.einsum("bthd,bshd->bhts", query, key) * scale
+    if mask is not None:
+        allowed = np.broadcast_to(np.asarray(mask, bool), (query.shape[0], *logits.shape[2:]))
+        logits = np.where(allowed[:, None], logits, -np.inf)
+    return logits.max(axis=(0, 2, 3))
+
+
+def qk_clip_factors(max_logits, threshold, alpha, group):
+    """The factors of each query head and key head: every head's logits
+    scaled by exactly `γ_h = min(1, τ/S_h)`, the key by `γ_g^(1−α)` with
+    `γ_g` the smallest `γ` of its group."""
+    gamma = np.where(max_logits > threshold, threshold / max_logits, 1.0)
+    group_gamma = gamma.reshape(-1, group).min(axis=1)
+    key = group_gamma ** (1 - alpha)
+    return gamma / np.repeat(key, group), key

@@ -26,6 +26,9 @@ BACKEND = keras.backend.backend()
 
 STEPS, BATCH, SEQUENCE, WIDTH, HEADS, DEPTH = 4, 16, 32, 64, 4, 2
 LEARNING_RATE = 0.02
+# Below the largest attention logits of every step (3.7 to 5.5), above
+# most: QK-Clip clips a few heads each step.
+QK_CLIP = {"qk_clip_threshold": 3.5}
 # Muon's blocks in this model, stacked per shape: 4 attention projections
 # (64×64) per block, and the up and (transposed) down projections (64×256).
 BLOCK_BATCHES = [(2 * DEPTH, WIDTH, 4 * WIDTH), (4 * DEPTH, WIDTH, WIDTH)]
@@ -58,6 +61,16 @@ def run_case(case, tmp_path, timeout=600):
     return json.loads(output.read_text())
 
 
+def check_clipped_as_on_one_device(result):
+    """QK-Clip clipped heads, and distributed as on one device: the query
+    and key kernels it rescales, and the Muon momentums. (The AdamW side
+    is compared without QK-Clip: where its gradients are round-off, as
+    for the key bias, AdamW's normalized update differs by up to lr.)"""
+    assert result["clipped heads"] > 0, result
+    assert result["max query/key kernel difference"] <= 1e-4, result
+    assert result["max momentum relative difference"] <= 1e-3, result
+
+
 def check_matches_one_device(result):
     # Momentums are compared relative to their size: unlike the weights,
     # they show a wrongly scaled gradient (msign ignores the scale).
@@ -71,6 +84,7 @@ def test_jax_data_and_model_parallel_match_one_device(tmp_path):
     assert result["devices"] == 8
     for distribution in ("DataParallel", "ModelParallel"):
         check_matches_one_device(result[distribution])
+        check_clipped_as_on_one_device(result[f"{distribution} QK-Clip"])
 
     # DataParallel replicates every variable and its state on all devices.
     for row in result["DataParallel"]["state"]:
@@ -125,6 +139,8 @@ def test_tf_strategy_matches_one_device(tmp_path, strategy):
         assert list(calls) == ["CPU:1"] and len(calls["CPU:1"]) % (6 * DEPTH) == 0, calls
         return
     assert result["max difference between replicas"] == 0.0
+    check_clipped_as_on_one_device(result["QK-Clip"])
+    assert result["QK-Clip"]["max difference between replicas"] == 0.0
     for row in result["state"]:
         assert row["class"] == "MirroredVariable" and len(row["devices"]) == 2, row
     # One batched Newton–Schulz per block shape on each replica, per trace.
@@ -146,8 +162,10 @@ def test_tf_mirrored_strategy_trains_raw_tf_variables(tmp_path):
 @pytest.mark.skipif(BACKEND != "torch", reason="DistributedDataParallel runs on torch")
 def test_torch_distributed_data_parallel_matches_one_device(tmp_path):
     result = run_case("torch", tmp_path)
-    check_matches_one_device(result)
-    assert result["max difference between processes"] == 0.0
+    check_matches_one_device(result["plain"])
+    check_clipped_as_on_one_device(result["QK-Clip"])
+    for name in ("plain", "QK-Clip"):
+        assert result[name]["max difference between processes"] == 0.0
     # FSDP replaces torch parameters by ones Keras layers never read:
     # refused, for both of its versions.
     assert sorted(result["errors under FSDP"]) == ["FullyShardedDataParallel", "fully_shard"]
@@ -177,9 +195,9 @@ def loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def fit(weights, data, scope=None):
-    """Trains the transformer with keras_muon.Muon under `scope` (a
-    distribution's, or none); returns the model and the optimizer."""
+def fit(weights, data, scope=None, **options):
+    """Trains the transformer with keras_muon.Muon(**options) under `scope`
+    (a distribution's, or none); returns the model and the optimizer."""
     import contextlib
 
     import keras_muon
@@ -187,7 +205,7 @@ def fit(weights, data, scope=None):
     with scope or contextlib.nullcontext():
         model = transformer()
         model.set_weights(weights)
-        optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
+        optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE, **options)
         model.compile(optimizer=optimizer, loss=loss())
         model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
     return model, optimizer
@@ -203,24 +221,34 @@ def muon_momentums(model, optimizer):
 
 def snapshot(model, optimizer):
     """The weights and Muon momentums, as NumPy arrays by name."""
-    arrays = {f"weight {v.path}": v for v in model.trainable_variables}
+    arrays = {
+        f"weight {v.path}": v for v in model.trainable_variables if "qk_clip" not in v.path
+    }
     for path, momentum in muon_momentums(model, optimizer).items():
         arrays[f"momentum {path}"] = momentum
     return {name: keras.ops.convert_to_numpy(v) for name, v in arrays.items()}
 
 
 def differences(reference, other):
-    """Largest weight difference, and largest momentum difference relative
-    to that momentum's largest entry, between two snapshots."""
-    weights = max(
-        float(np.max(np.abs(reference[k] - other[k]))) for k in reference if k.startswith("weight")
-    )
+    """Largest weight difference (and among the attention's query and key
+    kernels), and largest momentum difference relative to that momentum's
+    largest entry, between two snapshots."""
+
+    def largest(keys):
+        return max(float(np.max(np.abs(reference[k] - other[k]))) for k in keys)
+
+    weights = [k for k in reference if k.startswith("weight")]
+    query_key = [k for k in weights if k.endswith(("query/kernel", "key/kernel"))]
     momentums = max(
         float(np.max(np.abs(reference[k] - other[k])) / np.max(np.abs(reference[k])))
         for k in reference
         if k.startswith("momentum")
     )
-    return {"max weight difference": weights, "max momentum relative difference": momentums}
+    return {
+        "max weight difference": largest(weights),
+        "max query/key kernel difference": largest(query_key),
+        "max momentum relative difference": momentums,
+    }
 
 
 def jax_case():
@@ -247,6 +275,11 @@ def jax_case():
         model, optimizer = fit(weights, data, distribution.scope())
         result[name] = differences(one_device, snapshot(model, optimizer))
         result[name]["state"] = state_layouts(model, optimizer)
+    one_device_clipped, clipped_heads = clipped_snapshot(weights, data)
+    for name, distribution in distributions.items():
+        model, optimizer = fit(weights, data, distribution.scope(), **QK_CLIP)
+        result[f"{name} QK-Clip"] = differences(one_device_clipped, snapshot(model, optimizer))
+        result[f"{name} QK-Clip"]["clipped heads"] = clipped_heads
 
     def model_parallel_state(optimizer_type):
         with distributions["ModelParallel"].scope():
@@ -264,6 +297,13 @@ def jax_case():
         row for row in model_parallel_state(keras_muon.Muon) if "model" in row["variable layout"]
     ]
     return result
+
+
+def clipped_snapshot(weights, data):
+    """One device's `snapshot` with QK-Clip, and the heads it clipped in
+    the last step."""
+    model, optimizer = fit(weights, data, **QK_CLIP)
+    return snapshot(model, optimizer), optimizer.clipped_heads()
 
 
 def state_layouts(model, optimizer):
@@ -307,6 +347,7 @@ def tensorflow_case(strategy_name):
 
     weights, data = initial_weights_and_data()
     one_device = snapshot(*fit(weights, data))
+    one_device_clipped, clipped_heads = clipped_snapshot(weights, data)
     calls = {}
     newton_schulz = keras_muon.optimizer.newton_schulz
 
@@ -322,13 +363,15 @@ def tensorflow_case(strategy_name):
         if strategy_name.endswith("without merge_call"):
             strategy.extended._use_merge_call = lambda: False
     model, optimizer = fit(weights, data, strategy.scope())
+    keras_muon.optimizer.newton_schulz = newton_schulz
     result = differences(one_device, snapshot(model, optimizer))
     result["newton_schulz calls"] = calls
     if isinstance(strategy, tf.distribute.MirroredStrategy):
-        result["max difference between replicas"] = max(
-            float(np.max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy())))
-            for v in model.variables + optimizer.variables
-        )
+        result["max difference between replicas"] = replica_difference(model, optimizer)
+        clipped = fit(weights, data, strategy.scope(), **QK_CLIP)
+        result["QK-Clip"] = differences(one_device_clipped, snapshot(*clipped))
+        result["QK-Clip"]["clipped heads"] = clipped_heads
+        result["QK-Clip"]["max difference between replicas"] = replica_difference(*clipped)
         result["state"] = [
             {
                 "path": v.path,
@@ -338,6 +381,15 @@ def tensorflow_case(strategy_name):
             for v in optimizer.variables
         ]
     return result
+
+
+def replica_difference(model, optimizer):
+    """The largest difference between the two replicas' copies of any
+    variable."""
+    return max(
+        float(np.max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy())))
+        for v in model.variables + optimizer.variables
+    )
 
 
 def tensorflow_raw_variables_case():
@@ -391,16 +443,19 @@ def torch_case():
     import torch.multiprocessing
 
     weights, data = initial_weights_and_data()
-    one_device = train_torch(weights, data)
-    outputs = [Path(sys.argv[2]).with_suffix(f".rank{rank}.npz") for rank in range(2)]
-    torch.multiprocessing.spawn(
-        torch_rank, args=(2, free_port(), weights, data, outputs), nprocs=2
-    )
-    ranks = [dict(np.load(path)) for path in outputs]
-    result = differences(one_device, ranks[0])
-    result["max difference between processes"] = max(
-        float(np.max(np.abs(ranks[0][k] - ranks[1][k]))) for k in ranks[0]
-    )
+    result = {}
+    for name, options in {"plain": {}, "QK-Clip": QK_CLIP}.items():
+        one_device, clipped_heads = train_torch(weights, data, options=options)
+        outputs = [Path(sys.argv[2]).with_suffix(f".rank{rank}.npz") for rank in range(2)]
+        torch.multiprocessing.spawn(
+            torch_rank, args=(2, free_port(), weights, data, outputs, options), nprocs=2
+        )
+        ranks = [dict(np.load(path)) for path in outputs]
+        result[name] = differences(one_device, ranks[0])
+        result[name]["max difference between processes"] = max(
+            float(np.max(np.abs(ranks[0][k] - ranks[1][k]))) for k in ranks[0]
+        )
+        result[name]["clipped heads"] = clipped_heads
     result["errors under FSDP"] = errors_under_fsdp(free_port())
     return result
 
@@ -446,19 +501,23 @@ def errors_under_fsdp(port):
     return errors
 
 
-def train_torch(weights, data, rank=0, world_size=1):
-    """keras_muon in a torch training loop, under DistributedDataParallel
-    when `world_size > 1`: each process takes its slice of every batch,
-    DDP averages the gradients, and every process applies the same update.
-    Returns the final `snapshot`."""
+def train_torch(weights, data, rank=0, world_size=1, options=None):
+    """keras_muon.Muon(**options) in a torch training loop, under
+    DistributedDataParallel when `world_size > 1`: each process takes its
+    slice of every batch, DDP averages the gradients, and every process
+    applies the same update. Returns the final `snapshot`, and the number
+    of heads QK-Clip clipped in the last step (0 without it)."""
     import torch
 
     import keras_muon
 
     model = transformer()
     model.set_weights(weights)
-    optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
+    optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE, **(options or {}))
     optimizer.attach(model)
+    # QK-Clip's probes are created by `build`: before DDP registers the
+    # parameters.
+    optimizer.build(model.trainable_variables)
     module = model
     if world_size > 1:
         # DDP averages the gradients of these only: all of them, here.
@@ -471,20 +530,23 @@ def train_torch(weights, data, rank=0, world_size=1):
         rows = slice(step * BATCH + rank * share, step * BATCH + (rank + 1) * share)
         logits = module(torch.as_tensor(x[rows]))
         model.zero_grad()
-        loss()(torch.as_tensor(y[rows]), logits).backward()
+        value = loss()(torch.as_tensor(y[rows]), logits)
+        (value + sum(model.losses)).backward()  # QK-Clip's logits, if on
         grads = [v.value.grad for v in model.trainable_variables]
         optimizer.apply(grads, model.trainable_variables)
-    return snapshot(model, optimizer)
+    clipped = optimizer.clipped_heads() if options else 0
+    return snapshot(model, optimizer), clipped
 
 
-def torch_rank(rank, world_size, port, weights, data, outputs):
+def torch_rank(rank, world_size, port, weights, data, outputs, options):
     import torch.distributed
 
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        np.savez(outputs[rank], **train_torch(weights, data, rank, world_size))
+        arrays, _ = train_torch(weights, data, rank, world_size, options)
+        np.savez(outputs[rank], **arrays)
     finally:
         torch.distributed.destroy_process_group()
 

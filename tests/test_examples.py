@@ -22,6 +22,7 @@ import common  # noqa: E402
 import digits_convnet  # noqa: E402
 import keras_hub_gpt2  # noqa: E402
 import msign_accuracy  # noqa: E402
+import muonclip  # noqa: E402
 import quality  # noqa: E402
 import routing_survey  # noqa: E402
 import step_time  # noqa: E402
@@ -62,6 +63,17 @@ def test_examples_run_the_optimizers_named_by_the_optimizer_flag(tmp_path):
 def test_char_transformer_rejects_an_interval_that_does_not_divide_the_steps(tmp_path):
     with pytest.raises(ValueError, match="multiple of eval_every"):
         char_transformer.main([*TINY_TRANSFORMER, "--eval-every", "3", "--output", str(tmp_path)])
+
+
+def test_muonclip(tmp_path):
+    rows = muonclip.main([*TINY_TRANSFORMER, "--threshold", "0.05", "--output", str(tmp_path)])
+    plain, clipped = rows
+    assert plain["heads clipped"] == 0 and clipped["heads clipped"] > 0, rows
+    assert plain["largest logit"] > 0.05, rows  # so there was something to clip
+    assert all(math.isfinite(row["validation loss"]) for row in rows)
+    assert (tmp_path / "muonclip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = json.loads((tmp_path / "muonclip.json").read_text())["curves"]
+    assert all(len(curve["max_logit"]) == 4 for curve in curves.values())
 
 
 def test_digits_convnet(tmp_path):
