@@ -3,6 +3,8 @@
 import math
 import numbers
 
+import keras
+
 
 def number(arg, value, minimum=None, below=None, above=None, maximum=None, optional=False):
     """`value` as a Python float, or a ValueError naming `arg` and the bounds."""
@@ -37,3 +39,14 @@ def boolean(arg, value):
     if not isinstance(value, bool):
         raise ValueError(f"`{arg}` must be True or False. Received: {arg}={value!r}")
     return value
+
+
+def layer_rule(layer_type, rule):
+    """Checks the arguments of a rule registration: `layer_type` a
+    `keras.Layer` subclass, `rule` callable."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.Layer)):
+        raise ValueError(
+            f"`layer_type` must be a keras.Layer subclass. Received: {layer_type!r}"
+        )
+    if not callable(rule):
+        raise ValueError(f"`rule` must be callable. Received: {rule!r}")

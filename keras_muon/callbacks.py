@@ -14,6 +14,9 @@ class QKClipMonitor(keras.callbacks.Callback):
     `max_logit` and its total of `clipped_heads` go to the epoch logs, and
     so to the `History` and to `TensorBoard`.
 
+    On JAX, reading the optimizer's state mid-epoch makes `fit` copy its
+    training state into the variables after every batch.
+
     Put it before the other callbacks that read the logs. The model's
     optimizer (or the one a `LossScaleOptimizer` wraps) must have been
     created with `qk_clip_threshold`.

@@ -20,6 +20,8 @@ import keras
 from keras import ops
 from keras.src.layers.rnn.conv_lstm import ConvLSTMCell  # not exported
 
+from keras_muon.arguments import layer_rule
+
 
 @dataclasses.dataclass(frozen=True)
 class MatrixView:
@@ -151,12 +153,7 @@ def register_layer_rule(layer_type, rule):
     keras_muon.register_layer_rule(MyProjection, my_projection_rule)
     ```
     """
-    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.Layer)):
-        raise ValueError(
-            f"`layer_type` must be a keras.Layer subclass. Received: {layer_type!r}"
-        )
-    if not callable(rule):
-        raise ValueError(f"`rule` must be callable. Received: {rule!r}")
+    layer_rule(layer_type, rule)
     _RULES[layer_type] = rule
 
 

@@ -7,11 +7,11 @@ import keras
 from keras import ops
 
 from keras_muon import routing
-from keras_muon.qk_clip import QKClip
 from keras_muon.arguments import boolean
 from keras_muon.arguments import number
 from keras_muon.newton_schulz import coefficient_schedule
 from keras_muon.newton_schulz import newton_schulz
+from keras_muon.qk_clip import QKClip
 from keras_muon.scaling import SCALES
 from keras_muon.scaling import update_scale
 from keras_muon.weight_decay import decayed

@@ -31,6 +31,8 @@ import warnings
 import keras
 from keras import ops
 
+from keras_muon.arguments import layer_rule
+
 _LOWEST = -3.0e38  # stands for "no allowed position" and keeps 0·S finite
 
 
@@ -89,12 +91,7 @@ def register_attention_rule(layer_type, rule):
     keras_muon.register_attention_rule(MyAttention, my_attention_rule)
     ```
     """
-    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.Layer)):
-        raise ValueError(
-            f"`layer_type` must be a keras.Layer subclass. Received: {layer_type!r}"
-        )
-    if not callable(rule):
-        raise ValueError(f"`rule` must be callable. Received: {rule!r}")
+    layer_rule(layer_type, rule)
     _RULES[layer_type] = rule
 
 
@@ -132,7 +129,7 @@ def head_max_logits(query, key, scale, mask=None):
     """
     query = ops.cast(ops.stop_gradient(query), "float32")
     key = ops.cast(ops.stop_gradient(key), "float32")
-    batch, queries, query_heads, head_dim = query.shape
+    _, queries, query_heads, head_dim = query.shape
     key_heads = key.shape[2]
     grouped = ops.reshape(
         query, (-1, queries, key_heads, query_heads // key_heads, head_dim)

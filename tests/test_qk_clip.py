@@ -88,6 +88,18 @@ def middle_threshold(logits):
     return float((ordered[1] + ordered[-2]) / 2)
 
 
+def without_learning(seed, kind="mha", padding=False):
+    """A model, its batch, each head's largest logit on it, a threshold
+    with heads on both sides, and a Muon that only clips (lr 0)."""
+    keras.utils.set_random_seed(seed)
+    model = attention_model(kind, padding)
+    inputs, targets, mask = batch(padding)
+    before = head_logits(model, inputs, mask)
+    threshold = middle_threshold(before)
+    optimizer = keras_muon.Muon(learning_rate=0.0, qk_clip_threshold=threshold)
+    return model, (inputs, targets, mask), before, threshold, optimizer
+
+
 def kernel_slices(model, heads):
     """Each query-head and key-head slice of the attention's kernels."""
     attention = model.get_layer("attention")
@@ -101,14 +113,11 @@ def kernel_slices(model, heads):
     [("mha", False), ("mha", True), ("mha with dropout", False), ("gqa", False), ("gqa", True)],
 )
 def test_after_a_step_without_learning_the_clipped_heads_reach_the_threshold(kind, padding):
-    keras.utils.set_random_seed(1)
-    model = attention_model(kind, padding)
-    inputs, targets, mask = batch(padding)
-    before = head_logits(model, inputs, mask)
-    threshold = middle_threshold(before)
+    model, (inputs, targets, mask), before, threshold, optimizer = without_learning(
+        1, kind, padding
+    )
     clipped = before > threshold
     queries_before, key_before = kernel_slices(model, 4)
-    optimizer = keras_muon.Muon(learning_rate=0.0, qk_clip_threshold=threshold)
     fit_one_step(model, optimizer, inputs, targets)
 
     recorded = optimizer.max_logits()["attention"]
@@ -201,12 +210,7 @@ def test_head_max_logits_match_the_reference_with_groups_and_masks():
 def test_mixed_precision_records_float32_logits_and_clips():
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        keras.utils.set_random_seed(3)
-        model = attention_model()
-        inputs, targets, mask = batch()
-        before = head_logits(model, inputs, mask)
-        threshold = middle_threshold(before)
-        optimizer = keras_muon.Muon(learning_rate=0.0, qk_clip_threshold=threshold)
+        model, (inputs, targets, mask), before, threshold, optimizer = without_learning(3)
         fit_one_step(model, optimizer, inputs, targets)
         attention = model.get_layer("attention")
         assert attention._query_dense.kernel.dtype == "float32"
@@ -294,12 +298,7 @@ def test_config_round_trip_and_summary(optimizer_type):
 
 
 def test_the_monitor_reports_in_the_history():
-    keras.utils.set_random_seed(4)
-    model = attention_model()
-    inputs, targets, mask = batch()
-    before = head_logits(model, inputs, mask)
-    threshold = middle_threshold(before)
-    optimizer = keras_muon.Muon(learning_rate=0.0, qk_clip_threshold=threshold)
+    model, (inputs, targets, mask), before, threshold, optimizer = without_learning(4)
     # Two steps on the same batch: the second sees the clipped logits.
     history = fit_one_step(
         model, optimizer, np.concatenate([inputs] * 2), np.concatenate([targets] * 2),
