@@ -4,8 +4,8 @@ high, constant learning rate, with and without QK-Clip, and compare.
 Both runs start from the same weights and see the same batches. The
 unclipped run records its attention logits without clipping them (a
 threshold no logit reaches). Prints, per run, the largest attention logit
-over training and over its last tenth, the heads clipped, and the final
-validation loss; plots the largest logit and the training loss per step
+over training and over its last tenth, the steps whose largest logit
+exceeds 1.25τ, the heads clipped, and the final validation loss; plots the largest logit and the training loss per step
 to <output>/muonclip.png and writes them to <output>/muonclip.json.
 
     KERAS_BACKEND=jax python examples/muonclip.py
@@ -42,7 +42,7 @@ class StepRecorder(keras.callbacks.Callback):
         self.curves["loss"].append(loss)
 
 
-def train(args, weights, data, threshold):
+def train(args, weights, data, threshold, reference):
     (x, y), validation = data
     model = model_builder(args)()
     model.set_weights(weights)
@@ -58,6 +58,7 @@ def train(args, weights, data, threshold):
     row = {
         "largest logit": max(curves["max_logit"]),
         "largest logit, last 10%": max(tail),
+        "steps > 1.25τ": sum(v > 1.25 * reference for v in curves["max_logit"]),
         "heads clipped": int(history.history["clipped_heads"][0]),
         "validation loss": float(model.evaluate(*validation, batch_size=256, verbose=0)),
     }
@@ -79,8 +80,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     weights, data = initial_weights(args), text_data(args)
     runs = {
-        "Muon": train(args, weights, data, RECORD_ONLY),
-        f"Muon + QK-Clip τ={args.threshold:g}": train(args, weights, data, args.threshold),
+        "Muon": train(args, weights, data, RECORD_ONLY, args.threshold),
+        f"Muon + QK-Clip τ={args.threshold:g}": train(
+            args, weights, data, args.threshold, args.threshold
+        ),
     }
     rows = [{"run": name, **row} for name, (row, _) in runs.items()]
     backend = keras.backend.backend()
