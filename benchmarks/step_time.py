@@ -15,6 +15,9 @@ the rounds):
 - update: `optimizer.apply` alone on fixed gradients, compiled as `fit`
   compiles it (jax.jit; tf.function with the model's jit_compile; eager
   on torch);
+- aten ops (torch): the top-level ATen operations one eager update
+  launches, counted by the torch profiler (a multi-tensor operation over
+  many variables counts once);
 - state: the bytes of the optimizer's variables;
 - Newton–Schulz FLOPs per step, counted from each optimizer's routing, and
   the FLOP/s keras_muon's batched Newton–Schulz reaches next to the limit
@@ -45,6 +48,7 @@ NS_STEPS = 5
 HEAD_SIZE = 64
 ADAMW = "keras.optimizers.AdamW"
 MUON = "keras_muon.Muon"
+KERAS_MUON = "keras.optimizers.Muon"
 
 
 def main(argv=None):
@@ -64,6 +68,10 @@ def main(argv=None):
     parser.add_argument(
         "--ns-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
         help="keras_muon's Newton–Schulz dtype, its ns_dtype (default float32)",
+    )
+    parser.add_argument(
+        "--jit-compile", action="store_true",
+        help="compile the train step with jit_compile=True (on torch: torch.compile)",
     )
     parser.add_argument(
         "--optimizers", nargs="+", metavar="NAME", default=None,
@@ -124,6 +132,7 @@ def measure_backend(args):
             f"depth {args.depth}, batch {args.batch_size}×{args.sequence_length} "
             f"tokens, {args.rounds} rounds of {args.steps} train steps, "
             f"keras_muon Newton–Schulz in {args.ns_dtype}"
+            + (", jit_compile=True" if args.jit_compile else "")
         ),
         "widths": {},
     }
@@ -145,7 +154,8 @@ def measure_backend(args):
         for name in names:
             model = build()
             optimizer = make_optimizer(name, model, args.ns_dtype)
-            model.compile(optimizer=optimizer, **char_transformer.LOSS)
+            jit_compile = True if args.jit_compile else "auto"
+            model.compile(optimizer=optimizer, jit_compile=jit_compile, **char_transformer.LOSS)
             batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
 
             def train(model=model, batches=batches):
@@ -158,6 +168,7 @@ def measure_backend(args):
             rows[name] = {
                 "state bytes": state_bytes(optimizer),
                 "ns flops": ns_flops(optimizer, model),
+                "aten ops": aten_ops(update_calls[name]) if backend == "torch" else None,
             }
         train_seconds = interleaved_medians(train_calls, args.rounds)
         update_seconds = interleaved_medians(update_calls, args.rounds)
@@ -228,6 +239,26 @@ def update_call(name, model, ns_dtype):
     return synced(optimizer.apply, grads, variables)
 
 
+def aten_ops(call):
+    """The top-level ATen operations `call` launches, from the torch
+    profiler (operations an ATen operation runs inside it are not counted).
+
+        with torch.profiler.profile() as profiler:
+            optimizer.apply(grads, variables)
+        sum(e.name.startswith("aten::") and not (e.cpu_parent and
+            e.cpu_parent.name.startswith("aten::")) for e in profiler.events())
+    """
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        call()
+    return sum(
+        event.name.startswith("aten::")
+        and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::"))
+        for event in profiler.events()
+    )
+
+
 def interleaved_medians(calls, rounds):
     """Median wall time of each of `calls` ({name: function}), called once
     per round in an order that rotates from round to round."""
@@ -276,6 +307,17 @@ def ns_flops(optimizer, model):
     return 0
 
 
+def block_groups(optimizer):
+    """{(rows, cols): number of blocks} of a built keras_muon optimizer:
+    the batches of its Newton–Schulz iteration (rows <= cols)."""
+    groups = {}
+    for row in optimizer.routing_table():
+        if row["route"] == "muon":
+            shape = tuple(sorted(row["matrix_shape"]))
+            groups[shape] = groups.get(shape, 0) + row["num_blocks"]
+    return groups
+
+
 def ns_throughput(model, rounds, ns_dtype):
     """keras_muon's Newton–Schulz on its block groups of `model`, and the
     same matrix products alone (the limit), each compiled as `fit` does."""
@@ -292,11 +334,7 @@ def ns_throughput(model, rounds, ns_dtype):
     optimizer = keras_muon.Muon(ns_steps=NS_STEPS, ns_dtype=ns_dtype)
     optimizer.attach(model)
     optimizer.build(model.trainable_variables)
-    groups = {}
-    for row in optimizer.routing_table():
-        if row["route"] == "muon":
-            shape = tuple(sorted(row["matrix_shape"]))
-            groups[shape] = groups.get(shape, 0) + row["num_blocks"]
+    groups = block_groups(optimizer)
     schedule = coefficient_schedule("polar_express", NS_STEPS)
     compiled = compiler(model)
     rng = np.random.default_rng(2)
@@ -392,11 +430,12 @@ def print_tables(result):
     column = max(len(name) for name in names)
     print(
         f"{'d':>4}  {'optimizer':<{column}} {'step ms':>8} {'× AdamW':>7} {'× Muon':>6} "
-        f"{'update ms':>9} {'state MB':>8} {'× AdamW':>7} {'× Muon':>6} {'NS GFLOP':>8}"
+        f"{'update ms':>9} {'× k.Muon':>8} {'aten ops':>8} {'state MB':>8} {'× AdamW':>7} "
+        f"{'× Muon':>6} {'NS GFLOP':>8}"
     )
     for width, entry in result["widths"].items():
         rows = entry["optimizers"]
-        adamw, muon = rows[ADAMW], rows.get(MUON)
+        adamw, muon, keras_muon = rows[ADAMW], rows.get(MUON), rows.get(KERAS_MUON)
 
         def ratio(row, base, key, digits):
             return f"{row[key] / base[key]:>{digits}.2f}" if base else f"{'-':>{digits}}"
@@ -405,7 +444,9 @@ def print_tables(result):
             print(
                 f"{width:>4}  {name:<{column}} {1e3 * row['train step seconds']:>8.1f} "
                 f"{ratio(row, adamw, 'train step seconds', 7)} {ratio(row, muon, 'train step seconds', 6)} "
-                f"{1e3 * row['update seconds']:>9.1f} {row['state bytes'] / 1e6:>8.2f} "
+                f"{1e3 * row['update seconds']:>9.2f} {ratio(row, keras_muon, 'update seconds', 8)} "
+                f"{'-' if row.get('aten ops') is None else row['aten ops']:>8} "
+                f"{row['state bytes'] / 1e6:>8.2f} "
                 f"{ratio(row, adamw, 'state bytes', 7)} {ratio(row, muon, 'state bytes', 6)} "
                 f"{row['ns flops'] / 1e9:>8.2f}"
             )

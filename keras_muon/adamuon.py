@@ -65,9 +65,8 @@ class AdaMuon(Muon):
             variable, "second_moment", variable.shape, getattr(variable, "_layout", None)
         )
 
-    def _muon_direction(self, index, gradient):
-        direction = super()._muon_direction(index, gradient)
-        return ops.sign(direction) if self.sign_input else direction
+    def _orthogonalization_input(self, blocks):
+        return ops.sign(blocks) if self.sign_input else blocks
 
     def _normalized(self, index, orthogonal_blocks):
         state = self._block_states[index]

@@ -274,12 +274,19 @@ def _gram_matmuls(steps):
     return 2 * segments, 4 * steps - 3 * segments
 
 
+def _product(a, b):
+    """`a @ b`: like `*` and `+`, the backend's own operator, without the
+    dispatch of a `keras.ops` call, which in eager torch costs more than a
+    small product."""
+    return a @ b
+
+
 def _plain_iteration(x, schedule, eye):
     """`X ← (a·I + b·G + c·G²)·X` with `G = X·Xᵀ`, per step."""
     for a, b, c in schedule:
-        gram = ops.matmul(x, ops.swapaxes(x, -1, -2))
-        poly = c * ops.matmul(gram, gram) + b * gram + a * eye
-        x = ops.matmul(poly, x)
+        gram = _product(x, ops.swapaxes(x, -1, -2))
+        poly = c * _product(gram, gram) + b * gram + a * eye
+        x = _product(poly, x)
     return x
 
 
@@ -307,14 +314,14 @@ def _gram_iteration(x, schedule, eye):
     """
     for start in range(0, len(schedule), _GRAM_RESTART):
         segment = schedule[start : start + _GRAM_RESTART]
-        gram = ops.matmul(x, ops.swapaxes(x, -1, -2))
+        gram = _product(x, ops.swapaxes(x, -1, -2))
         q = None
         for step, (a, b, c) in enumerate(segment):
-            r = c * ops.matmul(gram, gram) + b * gram + a * eye
-            q = r if q is None else ops.matmul(r, q)
+            r = c * _product(gram, gram) + b * gram + a * eye
+            q = r if q is None else _product(r, q)
             if step < len(segment) - 1:
-                gram = ops.matmul(ops.matmul(r, gram), r)
-        x = ops.matmul(q, x)
+                gram = _product(_product(r, gram), r)
+        x = _product(q, x)
     return x
 
 

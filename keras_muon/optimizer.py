@@ -1,16 +1,16 @@
 import math
 import numbers
-import sys
 import weakref
 
 import keras
 from keras import ops
 
+from keras_muon import distributed
 from keras_muon import routing
 from keras_muon.arguments import boolean
 from keras_muon.arguments import number
+from keras_muon.distributed import orthogonalize
 from keras_muon.newton_schulz import coefficient_schedule
-from keras_muon.newton_schulz import newton_schulz
 from keras_muon.qk_clip import QKClip
 from keras_muon.scaling import SCALES
 from keras_muon.scaling import update_scale
@@ -63,7 +63,9 @@ class Muon(keras.optimizers.Optimizer):
     variables, heads, gates or groups they come from. Distributed, each
     momentum has its variable's layout (`keras.distribution`), and under
     `tf.distribute.MirroredStrategy` each replica runs the batched update
-    on its own copy of the variables.
+    on its own copy of the variables. Under data parallelism each device
+    orthogonalizes its share of the blocks and the devices exchange the
+    results (`split_newton_schulz`).
 
     Non-finite gradients propagate as in AdamW, except that one NaN or inf
     in a Muon matrix's gradient makes that whole matrix NaN (msign mixes
@@ -133,6 +135,14 @@ class Muon(keras.optimizers.Optimizer):
             `None` (off).
         qk_clip_alpha: Float in [0, 1], the share of the clip taken by the
             query projection. Defaults to `0.5`.
+        split_newton_schulz: Boolean. Under data parallelism
+            (`keras.distribution`, `tf.distribute.MirroredStrategy`, or
+            torch's default process group when one is initialized), each
+            device runs Newton–Schulz on `1/N` of the blocks and the
+            devices all-gather the results, the same update as one device
+            computes. `False` makes every device orthogonalize every block,
+            as for torch processes that do not train copies of one model.
+            Defaults to `True`.
         name: String, the name of the optimizer and prefix of its variables.
         **kwargs: Arguments of every Keras optimizer: `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -170,6 +180,7 @@ class Muon(keras.optimizers.Optimizer):
         cautious_weight_decay=False,
         qk_clip_threshold=None,
         qk_clip_alpha=0.5,
+        split_newton_schulz=True,
         name=None,
         **kwargs,
     ):
@@ -219,6 +230,7 @@ class Muon(keras.optimizers.Optimizer):
             "qk_clip_threshold", qk_clip_threshold, above=0.0, optional=True
         )
         self.qk_clip_alpha = number("qk_clip_alpha", qk_clip_alpha, minimum=0.0, maximum=1.0)
+        self.split_newton_schulz = boolean("split_newton_schulz", split_newton_schulz)
         if qk_clip_threshold is not None and self.gradient_accumulation_steps:
             raise ValueError(
                 "`qk_clip_threshold` does not support `gradient_accumulation_steps`: "
@@ -253,7 +265,7 @@ class Muon(keras.optimizers.Optimizer):
         model = self._attached_model() if self._attached_model else None
         if model is None:
             model = routing.find_model(self, var_list)
-        _reject_fsdp_parameters(model)
+        distributed.reject_fsdp_parameters(model)
         probes = []
         if self.qk_clip_threshold is not None:
             self._qk_clip = _qk_clip(model, self.qk_clip_threshold, self.qk_clip_alpha)
@@ -296,6 +308,12 @@ class Muon(keras.optimizers.Optimizer):
         """State a variant keeps per Muon variable besides its momentum:
         none for Muon."""
         return None
+
+    def _orthogonalization_input(self, blocks):
+        """What Newton–Schulz orthogonalizes, from the float32 directions of
+        one block shape stacked `(blocks, rows, cols)`, rows <= cols: the
+        directions themselves for Muon."""
+        return blocks
 
     def _normalized(self, index, orthogonal_blocks):
         """The orthogonalized blocks `(num_blocks, d_in, d_out)` of variable
@@ -345,50 +363,39 @@ class Muon(keras.optimizers.Optimizer):
         self._update([gradient], [variable], learning_rate)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        strategy = _tf_distribution_strategy()
+        if keras.backend.backend() == "torch":
+            from keras_muon import torch_update  # imports torch
+
+            torch_update.update(self, grads, trainable_variables, learning_rate)
+            return
+        strategy = distributed.tf_strategy()
         if strategy is None:
             self._update(grads, trainable_variables, learning_rate)
-        elif _is_mirrored_strategy(strategy):
-            self._mirrored_update(grads, trainable_variables, learning_rate)
+        elif distributed.is_mirrored(strategy):
+            distributed.mirrored_update(self, grads, trainable_variables, learning_rate)
         else:
             # Other strategies place variables on devices of their own:
             # update each variable where it lives, one `update_step` at a
             # time, as Keras does.
             super()._backend_update_step(grads, trainable_variables, learning_rate)
 
-    def _mirrored_update(self, grads, variables, learning_rate):
-        """`_update` under `tf.distribute.MirroredStrategy`: the gradients
-        are summed over replicas as Keras does, then each replica runs the
-        batched update on its own copy of every variable."""
-        import tensorflow as tf
-
-        # The backend variables: a raw `tf.Variable` is one already.
-        variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
-        grads = [g for g, _ in self._all_reduce_sum_gradients(list(zip(grads, variables)))]
-
-        def update_replicas(strategy, grads, learning_rate):
-            if not tf.distribute.in_cross_replica_context():
-                # The strategy runs without merge_call (XLA-compiled steps
-                # on GPUs), so this already runs once per replica, where
-                # assigning a mirrored variable writes that replica's copy.
-                self._update(grads, variables, learning_rate)
-                return
-            # In the update context of replica i, reading or assigning a
-            # mirrored variable (optimizer state included) reaches copy i.
-            strategy.extended.update_non_slot(
-                strategy.extended.non_slot_devices(variables),
-                lambda grads, lr: self._update(grads, variables, lr),
-                args=(grads, learning_rate),
-                group=False,
-            )
-
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            update_replicas, self._distribution_strategy, grads, learning_rate
-        )
-
     def _update(self, grads, variables, learning_rate):
         """Updates AdamW variables one by one, and Muon variables with one
-        batched Newton–Schulz iteration per block shape."""
+        batched Newton–Schulz iteration per block shape. (On torch,
+        `torch_update.update` computes the same with multi-tensor
+        operations.)"""
+        groups = self._update_momentums(grads, variables, learning_rate)
+        orthogonal = [
+            orthogonalize(blocks, self._ns_schedule, self.ns_dtype, self.split_newton_schulz)
+            for _, blocks in groups
+        ]
+        self._update_muon_variables(groups, orthogonal)
+
+    def _update_momentums(self, grads, variables, learning_rate):
+        """Updates the AdamW variables and the Muon momentums. Returns the
+        Muon variables grouped by block shape (or its transpose): per group,
+        its `(index, variable, lr)` and its stacked blocks, as
+        `_orthogonalization_input` gives them to Newton–Schulz."""
         groups = {}
         for gradient, variable in zip(grads, variables):
             index = self._get_variable_index(variable)
@@ -407,14 +414,22 @@ class Muon(keras.optimizers.Optimizer):
             else:
                 blocks = _wide_blocks(view, self._muon_direction(index, gradient))
                 groups.setdefault(blocks.shape[1:], []).append((index, variable, lr, blocks))
-        for group in groups.values():
-            stacked = [blocks for _, _, _, blocks in group]
-            stacked = stacked[0] if len(stacked) == 1 else ops.concatenate(stacked)
-            orthogonal = newton_schulz(stacked, self._ns_schedule, self.ns_dtype)
+        return [
+            (
+                [entry[:3] for entry in group],
+                self._orthogonalization_input(_concatenated([entry[3] for entry in group])),
+            )
+            for group in groups.values()
+        ]
+
+    def _update_muon_variables(self, groups, orthogonal):
+        """Updates the Muon variables of `groups` (from `_update_momentums`)
+        with their orthogonalized blocks, then clips attention logits."""
+        for (entries, _), blocks in zip(groups, orthogonal):
             start = 0
-            for index, variable, lr, blocks in group:
-                end = start + blocks.shape[0]
-                new_value = self._muon_update(index, variable, orthogonal[start:end], lr)
+            for index, variable, lr in entries:
+                end = start + self._routes[index].view.num_blocks
+                new_value = self._muon_update(index, variable, blocks[start:end], lr)
                 self.assign(variable, ops.cast(new_value, variable.dtype))
                 start = end
         if self._qk_clip is not None:
@@ -634,14 +649,15 @@ class Muon(keras.optimizers.Optimizer):
                 "cautious_weight_decay": self.cautious_weight_decay,
                 "qk_clip_threshold": self.qk_clip_threshold,
                 "qk_clip_alpha": self.qk_clip_alpha,
+                "split_newton_schulz": self.split_newton_schulz,
             }
         )
         return config
 
 
 def _qk_clip(model, threshold, alpha):
-    strategy = _tf_distribution_strategy()
-    if strategy is not None and not _is_mirrored_strategy(strategy):
+    strategy = distributed.tf_strategy()
+    if strategy is not None and not distributed.is_mirrored(strategy):
         raise ValueError(
             f"`qk_clip_threshold` supports tf.distribute.MirroredStrategy, not "
             f"{type(strategy).__name__}."
@@ -683,45 +699,8 @@ def _wide_blocks(view, x):
     return ops.swapaxes(blocks, -1, -2) if view.d_in > view.d_out else blocks
 
 
-def _tf_distribution_strategy():
-    """The `tf.distribute` strategy in scope on TensorFlow, or None."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
-
-
-def _is_mirrored_strategy(strategy):
-    import tensorflow as tf
-
-    return isinstance(strategy, tf.distribute.MirroredStrategy)
-
-
-def _reject_fsdp_parameters(model):
-    """Raises if torch FSDP has replaced `model`'s torch parameters, by
-    shards (`fully_shard`) or by one flat parameter
-    (`FullyShardedDataParallel`): Keras layers compute with their own
-    variables, so each process would silently train its own copy."""
-    if model is None or keras.backend.backend() != "torch":
-        return
-    # A program using FSDP has imported the modules of both types.
-    fsdp_types = tuple(
-        getattr(sys.modules[module], name)
-        for module, name in [
-            ("torch.distributed.tensor", "DTensor"),
-            ("torch.distributed.fsdp", "FlatParameter"),
-        ]
-        if module in sys.modules
-    )
-    if any(isinstance(p, fsdp_types) for p in model.parameters()):
-        raise ValueError(
-            "This model's torch parameters were replaced by torch FSDP. "
-            "Keras layers compute with their own variables, not FSDP's "
-            "shards or flat parameters, so processes would not be "
-            "synchronized. Use torch DistributedDataParallel, or the JAX "
-            "backend's keras.distribution.ModelParallel to shard."
-        )
+def _concatenated(blocks):
+    return blocks[0] if len(blocks) == 1 else ops.concatenate(blocks)
 
 
 def _dense(gradient, shape):

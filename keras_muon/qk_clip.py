@@ -32,6 +32,7 @@ import keras
 from keras import ops
 
 from keras_muon.arguments import layer_rule
+from keras_muon.distributed import max_over_replicas
 
 _LOWEST = -3.0e38  # stands for "no allowed position" and keeps 0·S finite
 
@@ -184,34 +185,13 @@ class LogitProbe(keras.layers.Layer):
 
     def record(self, max_logits):
         """Adds `sum(probe · max_logits)`, zero, to the model's losses."""
-        self.add_loss(ops.sum(ops.multiply(self.probe, _max_over_replicas(max_logits))))
+        self.add_loss(ops.sum(ops.multiply(self.probe, max_over_replicas(max_logits))))
 
     def save_own_variables(self, store):
         pass
 
     def load_own_variables(self, store):
         pass
-
-
-def _max_over_replicas(x):
-    """`x`'s elementwise max over data-parallel replicas, where each
-    replica sees only its share of the batch (tf.distribute, torch
-    distributed); `keras.distribution` computes on the global batch."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            # ReduceOp has no MAX: gather every replica's, then reduce.
-            return ops.max(context.all_gather(x[None], axis=0), axis=0)
-    elif backend == "torch" and "torch.distributed" in sys.modules:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            x = x.clone()
-            dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
 
 
 def _head_axes(projection):

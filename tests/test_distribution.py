@@ -7,7 +7,9 @@ TensorFlow, and with torch DistributedDataParallel over 2 processes on
 torch. Devices must be set up before the backend starts, so each case runs
 this file as a script in a subprocess (`python test_distribution.py
 <backend>[:<strategy>] <output file>`), which writes what it measured to
-JSON; the tests check it.
+JSON; the tests check it. Each case also checks that the devices split
+the Newton–Schulz work (`split_newton_schulz`), and that turning it off
+gives the same weights.
 """
 
 import json
@@ -20,6 +22,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+
+import keras_muon
+from keras_muon import distributed
+from keras_muon.newton_schulz import coefficient_schedule
+from keras_muon.newton_schulz import newton_schulz
+from keras_muon.newton_schulz import newton_schulz_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
@@ -84,7 +92,19 @@ def test_jax_data_and_model_parallel_match_one_device(tmp_path):
     assert result["devices"] == 8
     for distribution in ("DataParallel", "ModelParallel"):
         check_matches_one_device(result[distribution])
+        check_matches_one_device(result[f"{distribution} without split"])
         check_clipped_as_on_one_device(result[f"{distribution} QK-Clip"])
+
+    # Each device orthogonalizes one block of each shape (the 4 feed-forward
+    # blocks padded to 8): what the update's compiled program executes per
+    # device falls to that share; unsplit, every device does all the work.
+    flops = result["update FLOPs per device"]
+    one_device = sum(count * newton_schulz_flops(*shape, 5) for count, *shape in BLOCK_BATCHES)
+    share = sum(newton_schulz_flops(*shape, 5) for _, *shape in BLOCK_BATCHES)
+    assert flops["DataParallel without split"] >= one_device
+    for distribution in ("DataParallel", "ModelParallel"):
+        # The rest of the update (elementwise) is small beside Newton–Schulz.
+        assert flops[distribution] - share <= 0.05 * flops["one device"], flops
 
     # DataParallel replicates every variable and its state on all devices.
     for row in result["DataParallel"]["state"]:
@@ -143,12 +163,50 @@ def test_tf_strategy_matches_one_device(tmp_path, strategy):
     assert result["QK-Clip"]["max difference between replicas"] == 0.0
     for row in result["state"]:
         assert row["class"] == "MirroredVariable" and len(row["devices"]) == 2, row
-    # One batched Newton–Schulz per block shape on each replica, per trace.
+    # Each replica orthogonalizes half of the blocks of each shape, once
+    # per trace; with split_newton_schulz=False, all of them.
+    shares = [(count // 2, *shape) for count, *shape in BLOCK_BATCHES]
+    check_one_batch_per_shape(calls, shares)
+    if "without split" in result:
+        check_matches_one_device(result["without split"])
+        assert result["without split"]["max difference between replicas"] == 0.0
+        check_one_batch_per_shape(result["without split"]["newton_schulz calls"], BLOCK_BATCHES)
+
+
+def check_one_batch_per_shape(calls, batches):
+    """One Newton–Schulz batch of each of `batches` per replica, per trace."""
     assert sorted(calls) == ["CPU:0", "CPU:1"]
-    traces = len(calls["CPU:0"]) // len(BLOCK_BATCHES)
+    traces = len(calls["CPU:0"]) // len(batches)
     assert traces >= 1
     for shapes in calls.values():
-        assert sorted(map(tuple, shapes)) == sorted(BLOCK_BATCHES * traces)
+        assert sorted(map(tuple, shapes)) == sorted(batches * traces)
+
+
+def test_shares_cover_the_blocks_padded_with_zeros():
+    blocks = np.arange(5 * 2 * 3, dtype="float32").reshape(5, 2, 3) + 1
+    shares = [
+        keras.ops.convert_to_numpy(distributed.share(keras.ops.convert_to_tensor(blocks), i, 3))
+        for i in range(3)
+    ]
+    assert [share.shape for share in shares] == [(2, 2, 3)] * 3
+    joined = np.concatenate(shares)
+    np.testing.assert_array_equal(joined[:5], blocks)
+    np.testing.assert_array_equal(joined[5:], 0.0)
+
+
+def test_newton_schulz_sends_padding_to_zero():
+    # Replicas orthogonalize zero blocks where shares are padded.
+    schedule = coefficient_schedule("polar_express", 5)
+    zeros = keras.ops.convert_to_numpy(newton_schulz(keras.ops.zeros((2, 4, 8)), schedule))
+    np.testing.assert_array_equal(zeros, 0.0)
+
+
+def test_split_newton_schulz_is_a_boolean_in_the_config():
+    with pytest.raises(ValueError, match="split_newton_schulz"):
+        keras_muon.Muon(split_newton_schulz="no")
+    config = keras_muon.Muon(split_newton_schulz=False).get_config()
+    assert config["split_newton_schulz"] is False
+    assert keras_muon.Muon.from_config(config).split_newton_schulz is False
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
@@ -163,9 +221,16 @@ def test_tf_mirrored_strategy_trains_raw_tf_variables(tmp_path):
 def test_torch_distributed_data_parallel_matches_one_device(tmp_path):
     result = run_case("torch", tmp_path)
     check_matches_one_device(result["plain"])
+    check_matches_one_device(result["without split"])
     check_clipped_as_on_one_device(result["QK-Clip"])
-    for name in ("plain", "QK-Clip"):
+    for name in ("plain", "QK-Clip", "without split"):
         assert result[name]["max difference between processes"] == 0.0
+    # Each process orthogonalizes half of the blocks of each shape, each
+    # step; with split_newton_schulz=False, all of them.
+    shares = [[count // 2, *shape] for count, *shape in BLOCK_BATCHES]
+    for name, batches in [("plain", shares), ("without split", BLOCK_BATCHES)]:
+        for calls in result[name]["newton_schulz calls"]:
+            assert sorted(calls) == sorted(list(b) for b in batches * STEPS), (name, calls)
     # FSDP replaces torch parameters by ones Keras layers never read:
     # refused, for both of its versions.
     assert sorted(result["errors under FSDP"]) == ["FullyShardedDataParallel", "fully_shard"]
@@ -199,8 +264,6 @@ def fit(weights, data, scope=None, **options):
     """Trains the transformer with keras_muon.Muon(**options) under `scope`
     (a distribution's, or none); returns the model and the optimizer."""
     import contextlib
-
-    import keras_muon
 
     with scope or contextlib.nullcontext():
         model = transformer()
@@ -254,8 +317,6 @@ def differences(reference, other):
 def jax_case():
     import jax
 
-    import keras_muon
-
     jax.config.update("jax_num_cpu_devices", 8)
     weights, data = initial_weights_and_data()
     one_device = snapshot(*fit(weights, data))
@@ -275,6 +336,22 @@ def jax_case():
         model, optimizer = fit(weights, data, distribution.scope())
         result[name] = differences(one_device, snapshot(model, optimizer))
         result[name]["state"] = state_layouts(model, optimizer)
+        unsplit = fit(weights, data, distribution.scope(), split_newton_schulz=False)
+        result[f"{name} without split"] = differences(one_device, snapshot(*unsplit))
+    # What the benchmark measures: XLA's cost analysis of the compiled
+    # `optimizer.apply`, per device.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from distributed_step_time import update_flops
+
+    one = keras.distribution.DataParallel(devices=devices[:1])
+    split, unsplit = "keras_muon.Muon", "keras_muon.Muon, unsplit"
+    result["update FLOPs per device"] = {
+        "one device": update_flops(one, transformer, split),
+        **{name: update_flops(d, transformer, split) for name, d in distributions.items()},
+        "DataParallel without split": update_flops(
+            distributions["DataParallel"], transformer, unsplit
+        ),
+    }
     one_device_clipped, clipped_heads = clipped_snapshot(weights, data)
     for name, distribution in distributions.items():
         model, optimizer = fit(weights, data, distribution.scope(), **QK_CLIP)
@@ -343,29 +420,41 @@ def tensorflow_case(strategy_name):
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2
     )
-    import keras_muon.optimizer
 
     weights, data = initial_weights_and_data()
     one_device = snapshot(*fit(weights, data))
     one_device_clipped, clipped_heads = clipped_snapshot(weights, data)
-    calls = {}
-    newton_schulz = keras_muon.optimizer.newton_schulz
+    newton_schulz = distributed.newton_schulz
 
-    def recording_newton_schulz(x, *args):
-        calls.setdefault(x.device.split("device:")[-1], []).append(list(x.shape))
-        return newton_schulz(x, *args)
+    def recorded_fit(**options):
+        """`fit` under the strategy, and the shapes of the blocks each
+        device orthogonalized."""
+        calls = {}
 
-    keras_muon.optimizer.newton_schulz = recording_newton_schulz
+        def recording_newton_schulz(x, *args):
+            calls.setdefault(x.device.split("device:")[-1], []).append(list(x.shape))
+            return newton_schulz(x, *args)
+
+        distributed.newton_schulz = recording_newton_schulz
+        try:
+            model, optimizer = fit(weights, data, strategy.scope(), **options)
+        finally:
+            distributed.newton_schulz = newton_schulz
+        result = differences(one_device, snapshot(model, optimizer))
+        result["newton_schulz calls"] = calls
+        return result, model, optimizer
+
     if strategy_name == "OneDeviceStrategy":
         strategy = tf.distribute.OneDeviceStrategy("/cpu:1")
     else:
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         if strategy_name.endswith("without merge_call"):
             strategy.extended._use_merge_call = lambda: False
-    model, optimizer = fit(weights, data, strategy.scope())
-    keras_muon.optimizer.newton_schulz = newton_schulz
-    result = differences(one_device, snapshot(model, optimizer))
-    result["newton_schulz calls"] = calls
+    result, model, optimizer = recorded_fit()
+    if strategy_name == "MirroredStrategy":
+        unsplit, *trained = recorded_fit(split_newton_schulz=False)
+        unsplit["max difference between replicas"] = replica_difference(*trained)
+        result["without split"] = unsplit
     if isinstance(strategy, tf.distribute.MirroredStrategy):
         result["max difference between replicas"] = replica_difference(model, optimizer)
         clipped = fit(weights, data, strategy.scope(), **QK_CLIP)
@@ -401,7 +490,6 @@ def tensorflow_raw_variables_case():
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2
     )
-    import keras_muon
 
     def train(strategy):
         with strategy.scope():
@@ -444,7 +532,8 @@ def torch_case():
 
     weights, data = initial_weights_and_data()
     result = {}
-    for name, options in {"plain": {}, "QK-Clip": QK_CLIP}.items():
+    runs = {"plain": {}, "QK-Clip": QK_CLIP, "without split": {"split_newton_schulz": False}}
+    for name, options in runs.items():
         one_device, clipped_heads = train_torch(weights, data, options=options)
         outputs = [Path(sys.argv[2]).with_suffix(f".rank{rank}.npz") for rank in range(2)]
         torch.multiprocessing.spawn(
@@ -456,6 +545,9 @@ def torch_case():
             float(np.max(np.abs(ranks[0][k] - ranks[1][k]))) for k in ranks[0]
         )
         result[name]["clipped heads"] = clipped_heads
+        result[name]["newton_schulz calls"] = [
+            json.loads(path.with_suffix(".json").read_text()) for path in outputs
+        ]
     result["errors under FSDP"] = errors_under_fsdp(free_port())
     return result
 
@@ -472,8 +564,6 @@ def errors_under_fsdp(port):
     import torch.distributed
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp import fully_shard
-
-    import keras_muon
 
     wrappers = {
         "fully_shard": fully_shard,
@@ -509,8 +599,6 @@ def train_torch(weights, data, rank=0, world_size=1, options=None):
     of heads QK-Clip clipped in the last step (0 without it)."""
     import torch
 
-    import keras_muon
-
     model = transformer()
     model.set_weights(weights)
     optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE, **(options or {}))
@@ -534,19 +622,30 @@ def train_torch(weights, data, rank=0, world_size=1, options=None):
         (value + sum(model.losses)).backward()  # QK-Clip's logits, if on
         grads = [v.value.grad for v in model.trainable_variables]
         optimizer.apply(grads, model.trainable_variables)
-    clipped = optimizer.clipped_heads() if options else 0
+    clipped = optimizer.clipped_heads() if optimizer.qk_clip_threshold else 0
     return snapshot(model, optimizer), clipped
 
 
 def torch_rank(rank, world_size, port, weights, data, outputs, options):
+    """One DDP process: trains, saves its `snapshot` to `outputs[rank]`
+    and the shapes of the blocks it orthogonalized beside it (.json)."""
     import torch.distributed
 
+    calls = []
+    newton_schulz = distributed.newton_schulz
+
+    def recording_newton_schulz(x, *args):
+        calls.append(list(x.shape))
+        return newton_schulz(x, *args)
+
+    distributed.newton_schulz = recording_newton_schulz
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
         arrays, _ = train_torch(weights, data, rank, world_size, options)
         np.savez(outputs[rank], **arrays)
+        outputs[rank].with_suffix(".json").write_text(json.dumps(calls))
     finally:
         torch.distributed.destroy_process_group()
 

@@ -195,6 +195,42 @@ def test_step_time_benchmark(tmp_path):
     assert rows["keras_muon.AdaMuon"]["state bytes"] == adamw["state bytes"]
 
 
+def test_step_time_benchmark_counts_aten_ops_on_torch(tmp_path):
+    if keras.backend.backend() != "torch":
+        pytest.skip("the torch profiler counts torch's operations")
+    step_time.main([
+        "--backend", "torch", "--widths", "64", "--depth", "1", "--batch-size", "2",
+        "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--output", str(tmp_path),
+        "--optimizers", "keras_muon.Muon",
+    ])
+    rows = json.loads((tmp_path / "step_time_torch.json").read_text())["widths"]["64"]["optimizers"]
+    # Keras's AdamW is one multi-tensor update: a fixed number of launches.
+    adamw, muon = rows["keras.optimizers.AdamW"]["aten ops"], rows["keras_muon.Muon"]["aten ops"]
+    assert 0 < adamw < muon, rows
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution runs on JAX")
+def test_distributed_step_time_benchmark(tmp_path):
+    # Simulated devices are set up before JAX starts: in a process of its own.
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "distributed_step_time.py"),
+         "--devices", "4", "--width", "64", "--depth", "1", "--batch-size", "4",
+         "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads((tmp_path / "distributed_step_time.json").read_text())["rows"]
+    flops = {(row["placement"], row["optimizer"]): row["update flops per device"] for row in rows}
+    one, split, unsplit = (
+        flops["one device", "keras_muon.Muon"],
+        flops["DataParallel, 4 devices", "keras_muon.Muon"],
+        flops["DataParallel, 4 devices", "keras_muon.Muon, unsplit"],
+    )
+    # 4 attention blocks of 64×64 and 2 feed-forward ones of 64×256 on 4
+    # devices: the busiest orthogonalizes one of each, unsplit all of them.
+    assert unsplit == one and split < 0.5 * one, flops
+
+
 def test_step_time_benchmark_rejects_widths_without_whole_heads(tmp_path):
     with pytest.raises(SystemExit):
         step_time.main(["--widths", "100", "--output", str(tmp_path)])

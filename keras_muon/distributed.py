@@ -1,0 +1,270 @@
+"""Data parallelism: who the replicas are, and how they share the work.
+
+Under data parallelism every replica holds the same Muon momentums and
+would orthogonalize every block. Instead, the blocks of a batch are split
+into equal shares, one per replica (zero blocks pad the batch to a multiple
+of the number of replicas: msign of zero is zero); each replica runs
+Newton–Schulz on its share and the replicas exchange the results, so that
+each computes `1/N` of the work and all end with the same update:
+
+- `keras.distribution` (JAX): `shard_map` inside the compiled step, over
+  every device of the mesh;
+- `tf.distribute.MirroredStrategy`: an all-gather between replicas, or,
+  where the strategy updates variables through `merge_call`, two passes
+  over the replicas (`mirrored_update`);
+- torch: an all-gather over the default process group, when one is
+  initialized (DistributedDataParallel).
+"""
+
+import math
+import sys
+
+import keras
+from keras import ops
+
+from keras_muon.newton_schulz import newton_schulz
+
+
+def orthogonalize(blocks, schedule, dtype=None, split=True):
+    """`newton_schulz(blocks, schedule, dtype)`, with the blocks split among
+    the data-parallel replicas when `split` is true and there are several."""
+    if split:
+        backend = keras.backend.backend()
+        if backend == "jax":
+            return _jax_split(blocks, schedule, dtype)
+        if backend == "tensorflow":
+            return _tf_split(blocks, schedule, dtype)
+        if backend == "torch":
+            return _torch_split(blocks, schedule, dtype)
+    return newton_schulz(blocks, schedule, dtype)
+
+
+def share(blocks, replica, replicas):
+    """Replica `replica`'s share of `blocks` (stacked on axis 0), out of
+    `replicas` equal shares of the blocks padded with zero blocks."""
+    size = -(-blocks.shape[0] // replicas)
+    padded = _padded(blocks, size * replicas)
+    return ops.slice(padded, [replica * size, 0, 0], [size, *blocks.shape[1:]])
+
+
+def _padded(blocks, count):
+    """`blocks` with zero blocks appended up to `count`."""
+    missing = count - blocks.shape[0]
+    if missing == 0:
+        return blocks
+    return ops.concatenate([blocks, ops.zeros((missing, *blocks.shape[1:]), blocks.dtype)])
+
+
+def _jax_split(blocks, schedule, dtype):
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec
+
+    distribution = keras.distribution.distribution()
+    devices = 1 if distribution is None else math.prod(distribution.device_mesh.shape)
+    if devices < 2:
+        return newton_schulz(blocks, schedule, dtype)
+    mesh = distribution.device_mesh
+    # Every device of the mesh takes a share, those of the model axis too:
+    # they would otherwise orthogonalize the same blocks.
+    axes = tuple(mesh.axis_names)
+    count = blocks.shape[0]
+    size = -(-count // devices)
+
+    def orthogonalize_share(mine):
+        # A share of padding only (fewer blocks than devices) is skipped,
+        # so that the padding costs no time where devices share a host.
+        first = jax.lax.axis_index(axes) * size
+        mine = jax.lax.cond(
+            first < count,
+            lambda x: newton_schulz(x, schedule, dtype),
+            lambda x: x,  # zeros
+            mine,
+        )
+        return jax.lax.all_gather(mine, axes, tiled=True)
+
+    split = jax.shard_map(
+        orthogonalize_share,
+        mesh=mesh.backend_mesh,
+        in_specs=PartitionSpec(axes),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )
+    # Replicated on entry, as the update computed it: otherwise XLA
+    # shards that computation too, and moves its pieces by all-to-alls.
+    padded = jax.lax.with_sharding_constraint(
+        _padded(blocks, size * devices), NamedSharding(mesh.backend_mesh, PartitionSpec())
+    )
+    return split(padded)[:count]
+
+
+def _tf_split(blocks, schedule, dtype):
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    # None in a cross-replica context: `mirrored_update` splits there.
+    if context is None or context.num_replicas_in_sync < 2:
+        return newton_schulz(blocks, schedule, dtype)
+    replicas = context.num_replicas_in_sync
+    mine = newton_schulz(
+        share(blocks, context.replica_id_in_sync_group, replicas), schedule, dtype
+    )
+    return context.all_gather(mine, axis=0)[: blocks.shape[0]]
+
+
+def _torch_split(blocks, schedule, dtype):
+    processes = torch_process_count()
+    if processes < 2:
+        return newton_schulz(blocks, schedule, dtype)
+    import torch
+    import torch.distributed as dist
+
+    mine = newton_schulz(share(blocks, dist.get_rank(), processes), schedule, dtype)
+    gathered = [torch.empty_like(mine) for _ in range(processes)]
+    dist.all_gather(gathered, mine.contiguous())
+    return torch.cat(gathered)[: blocks.shape[0]]
+
+
+def torch_process_count():
+    """The size of torch's default process group (1 without one)."""
+    if keras.backend.backend() != "torch" or "torch.distributed" not in sys.modules:
+        return 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def max_over_replicas(x):
+    """`x`'s elementwise max over data-parallel replicas, where each
+    replica sees only its share of the batch (tf.distribute, torch
+    distributed); `keras.distribution` computes on the global batch."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            # ReduceOp has no MAX: gather every replica's, then reduce.
+            return ops.max(context.all_gather(x[None], axis=0), axis=0)
+    elif torch_process_count() > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def tf_strategy():
+    """The `tf.distribute` strategy in scope on TensorFlow, or None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+
+
+def is_mirrored(strategy):
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MirroredStrategy)
+
+
+def mirrored_update(optimizer, grads, variables, learning_rate):
+    """`optimizer._update` under `tf.distribute.MirroredStrategy`: the
+    gradients are summed over replicas as Keras does, then each replica
+    updates its own copy of every variable, orthogonalizing its share of
+    the blocks."""
+    import tensorflow as tf
+
+    # The backend variables: a raw `tf.Variable` is one already.
+    variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
+    pairs = optimizer._all_reduce_sum_gradients(list(zip(grads, variables)))
+    grads = [g for g, _ in pairs]
+
+    def update_replicas(strategy, grads, learning_rate):
+        if not tf.distribute.in_cross_replica_context():
+            # The strategy runs without merge_call (XLA-compiled steps on
+            # GPUs), so this already runs once per replica, where
+            # assigning a mirrored variable writes that replica's copy and
+            # `orthogonalize` all-gathers.
+            optimizer._update(grads, variables, learning_rate)
+        elif optimizer.split_newton_schulz:
+            _update_in_two_passes(optimizer, strategy, grads, variables, learning_rate)
+        else:
+            # In the update context of replica i, reading or assigning a
+            # mirrored variable (optimizer state included) reaches copy i.
+            strategy.extended.update_non_slot(
+                strategy.extended.non_slot_devices(variables),
+                lambda grads, lr: optimizer._update(grads, variables, lr),
+                args=(grads, learning_rate),
+                group=False,
+            )
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        update_replicas, optimizer._distribution_strategy, grads, learning_rate
+    )
+
+
+def _update_in_two_passes(optimizer, strategy, grads, variables, learning_rate):
+    """`optimizer._update` replica by replica, in each replica's update
+    context, with the Newton–Schulz work split among them. The first pass
+    updates each replica's AdamW variables and momentums and orthogonalizes
+    its share of the blocks; the second reads every replica's share (TF
+    copies them between devices) and updates the Muon variables."""
+    from tensorflow.python.distribute.distribute_lib import get_update_replica_id
+
+    devices = strategy.extended.non_slot_devices(variables)
+    replicas = len(devices)
+    passes = {}
+
+    def first_pass(grads, learning_rate):
+        replica = get_update_replica_id()
+        groups = optimizer._update_momentums(grads, variables, learning_rate)
+        shares = [
+            newton_schulz(
+                share(blocks, replica, replicas), optimizer._ns_schedule, optimizer.ns_dtype
+            )
+            for _, blocks in groups
+        ]
+        passes[replica] = groups, shares
+
+    def second_pass():
+        replica = get_update_replica_id()
+        groups, _ = passes[replica]
+        orthogonal = [
+            ops.concatenate([passes[other][1][g] for other in range(replicas)])[: blocks.shape[0]]
+            for g, (_, blocks) in enumerate(groups)
+        ]
+        optimizer._update_muon_variables(groups, orthogonal)
+
+    extended = strategy.extended
+    extended.update_non_slot(devices, first_pass, args=(grads, learning_rate), group=False)
+    extended.update_non_slot(devices, second_pass, group=False)
+
+
+def reject_fsdp_parameters(model):
+    """Raises if torch FSDP has replaced `model`'s torch parameters, by
+    shards (`fully_shard`) or by one flat parameter
+    (`FullyShardedDataParallel`): Keras layers compute with their own
+    variables, so each process would silently train its own copy."""
+    if model is None or keras.backend.backend() != "torch":
+        return
+    # A program using FSDP has imported the modules of both types.
+    fsdp_types = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in [
+            ("torch.distributed.tensor", "DTensor"),
+            ("torch.distributed.fsdp", "FlatParameter"),
+        ]
+        if module in sys.modules
+    )
+    if any(isinstance(p, fsdp_types) for p in model.parameters()):
+        raise ValueError(
+            "This model's torch parameters were replaced by torch FSDP. "
+            "Keras layers compute with their own variables, not FSDP's "
+            "shards or flat parameters, so processes would not be "
+            "synchronized. Use torch DistributedDataParallel, or the JAX "
+            "backend's keras.distribution.ModelParallel to shard."
+        )
