@@ -66,9 +66,9 @@ def train(args, weights, data, threshold, reference):
 
 
 def main(argv=None):
-    parser = common.argument_parser(__doc__, steps=240, learning_rate=False)
+    parser = common.argument_parser(__doc__, steps=360, learning_rate=False)
     common.add_text_model_flags(parser)
-    parser.set_defaults(batch_size=16)
+    parser.set_defaults(batch_size=32)
     parser.add_argument(
         "--learning-rate", type=float, default=0.03,
         help="Muon's constant learning rate (default 0.03)",
