@@ -48,11 +48,11 @@ def share(blocks, replica, replicas):
 
 
 def _padded(blocks, count):
-    """`blocks` with zero blocks appended up to `count`."""
+    """`blocks` with zero blocks appended up to `count` (on their device)."""
     missing = count - blocks.shape[0]
     if missing == 0:
         return blocks
-    return ops.concatenate([blocks, ops.zeros((missing, *blocks.shape[1:]), blocks.dtype)])
+    return ops.pad(blocks, [[0, missing], [0, 0], [0, 0]])
 
 
 def _jax_split(blocks, schedule, dtype):
@@ -75,27 +75,40 @@ def _jax_split(blocks, schedule, dtype):
         # A share of padding only (fewer blocks than devices) is skipped,
         # so that the padding costs no time where devices share a host.
         first = jax.lax.axis_index(axes) * size
-        mine = jax.lax.cond(
+        return jax.lax.cond(
             first < count,
             lambda x: newton_schulz(x, schedule, dtype),
             lambda x: x,  # zeros
             mine,
         )
-        return jax.lax.all_gather(mine, axes, tiled=True)
 
-    split = jax.shard_map(
+    padded = _padded(blocks, size * devices)
+    if isinstance(distribution, keras.distribution.DataParallel):
+        # Replicated, as the update computed it: otherwise XLA shards that
+        # computation too, and moves its pieces by all-to-alls. (Under
+        # ModelParallel the blocks arrive sharded as their variables, and
+        # go to their shares without being gathered whole anywhere.)
+        padded = jax.lax.with_sharding_constraint(
+            padded, NamedSharding(mesh.backend_mesh, PartitionSpec())
+        )
+    # The result stays split among the devices; XLA gathers it where the
+    # update needs it (all of it under DataParallel).
+    split = _shard_map(jax)(
         orthogonalize_share,
         mesh=mesh.backend_mesh,
         in_specs=PartitionSpec(axes),
-        out_specs=PartitionSpec(),
-        check_vma=False,
-    )
-    # Replicated on entry, as the update computed it: otherwise XLA
-    # shards that computation too, and moves its pieces by all-to-alls.
-    padded = jax.lax.with_sharding_constraint(
-        _padded(blocks, size * devices), NamedSharding(mesh.backend_mesh, PartitionSpec())
+        out_specs=PartitionSpec(axes),
     )
     return split(padded)[:count]
+
+
+def _shard_map(jax):
+    """`jax.shard_map`, or its experimental form in JAX versions before it."""
+    if hasattr(jax, "shard_map"):
+        return lambda f, **kwargs: jax.shard_map(f, check_vma=False, **kwargs)
+    from jax.experimental.shard_map import shard_map
+
+    return lambda f, **kwargs: shard_map(f, check_rep=False, **kwargs)
 
 
 def _tf_split(blocks, schedule, dtype):

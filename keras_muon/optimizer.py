@@ -140,9 +140,10 @@ class Muon(keras.optimizers.Optimizer):
             torch's default process group when one is initialized), each
             device runs Newton–Schulz on `1/N` of the blocks and the
             devices all-gather the results, the same update as one device
-            computes. `False` makes every device orthogonalize every block,
-            as for torch processes that do not train copies of one model.
-            Defaults to `True`.
+            computes. On torch, every process of the default group must
+            train a copy of the same model, as under
+            `DistributedDataParallel`. `False` makes every device
+            orthogonalize every block. Defaults to `True`.
         name: String, the name of the optimizer and prefix of its variables.
         **kwargs: Arguments of every Keras optimizer: `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -366,8 +367,9 @@ class Muon(keras.optimizers.Optimizer):
         if keras.backend.backend() == "torch":
             from keras_muon import torch_update  # imports torch
 
-            torch_update.update(self, grads, trainable_variables, learning_rate)
-            return
+            if torch_update.applies_to(type(self), Muon):
+                torch_update.update(self, grads, trainable_variables, learning_rate)
+                return
         strategy = distributed.tf_strategy()
         if strategy is None:
             self._update(grads, trainable_variables, learning_rate)

@@ -18,20 +18,45 @@ from keras import ops
 from keras_muon.distributed import orthogonalize
 
 
+# The methods of `Muon` that define the generic update: a subclass that
+# overrides one of them gets the generic update (`Muon._update`) on torch.
+GENERIC_STEPS = (
+    "_update",
+    "_update_momentums",
+    "_update_muon_variables",
+    "_muon_direction",
+    "_muon_update",
+    "_adamw_step",
+    "_decayed",
+)
+
+
+def applies_to(optimizer_type, muon_type):
+    """Whether this update computes what `optimizer_type._update` does:
+    `optimizer_type` overrides none of `GENERIC_STEPS` of `muon_type`."""
+    return all(
+        getattr(optimizer_type, name) is getattr(muon_type, name) for name in GENERIC_STEPS
+    )
+
+
 @torch.no_grad()
 def update(optimizer, grads, variables, learning_rate):
     """Updates `variables` (Keras variables) with `grads` as
     `optimizer._update` does."""
     learning_rate = ops.convert_to_tensor(learning_rate)
-    muon, adamw = [], []
+    by_dtype = {}
     for gradient, variable in zip(grads, variables):
-        index = optimizer._get_variable_index(variable)
-        route = muon if optimizer._routes[index].view is not None else adamw
-        route.append(_Entry(optimizer, index, variable, gradient))
-    if adamw:
-        _adamw_update(optimizer, adamw, learning_rate)
-    if muon:
-        _muon_update(optimizer, muon, learning_rate)
+        entry = _Entry(optimizer, optimizer._get_variable_index(variable), variable, gradient)
+        is_muon = optimizer._routes[entry.index].view is not None
+        routes = by_dtype.setdefault(entry.momentum.dtype, ([], []))
+        routes[is_muon].append(entry)
+    # Multi-tensor operations over the variables of one route and one state
+    # dtype (the learning rate is cast to it, as in `Muon._update`).
+    for adamw, muon in by_dtype.values():
+        if adamw:
+            _adamw_update(optimizer, adamw, learning_rate)
+        if muon:
+            _muon_update(optimizer, muon, learning_rate)
     if optimizer._qk_clip is not None:
         optimizer._qk_clip.clip(optimizer)
 
@@ -48,7 +73,7 @@ class _Entry:
         velocity = optimizer._velocities[index]
         self.velocity = None if velocity is None else velocity.value
         dtype = self.momentum.dtype
-        self.gradient = _as(torch.as_tensor(gradient), dtype)
+        self.gradient = _as(ops.convert_to_tensor(gradient), dtype)
         self.weights = _as(self.tensor, dtype)
 
     def store(self):

@@ -118,3 +118,27 @@ def test_multi_tensor_update_of_16_bit_variables(dtype, monkeypatch):
             # last place apart, where round-off lands on either side.
             tolerance = EPSILON[dtype] * scale
         np.testing.assert_allclose(fast[name], generic[name], rtol=0, atol=tolerance, err_msg=name)
+
+
+def test_variants_use_it_and_a_subclass_overriding_a_generic_step_does_not():
+    from keras_muon import torch_update
+
+    for variant in (keras_muon.NorMuon, keras_muon.AdaMuon):
+        assert torch_update.applies_to(variant, keras_muon.Muon)
+
+    class StillMuon(keras_muon.Muon):
+        def _muon_direction(self, index, gradient):
+            return ops.zeros_like(super()._muon_direction(index, gradient))
+
+    assert not torch_update.applies_to(StillMuon, keras_muon.Muon)
+    # Its override takes effect: zero directions leave the Muon kernels
+    # where they were (no weight decay), while AdamW's variables move.
+    model = language_model()
+    optimizer = StillMuon(learning_rate=0.05, weight_decay=0.0)
+    optimizer.attach(model)
+    before = {v.path: ops.convert_to_numpy(v) for v in model.trainable_variables}
+    optimizer.apply([ops.ones_like(v) for v in model.trainable_variables], model.trainable_variables)
+    routes = {row["path"]: row["route"] for row in optimizer.routing_table()}
+    for v in model.trainable_variables:
+        moved = not np.array_equal(ops.convert_to_numpy(v), before[v.path])
+        assert moved == (routes[v.path] == "adamw"), v.path
