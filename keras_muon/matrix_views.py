@@ -104,6 +104,13 @@ class MatrixView:
             x = ops.transpose(ops.reshape(x, self.split_shape), self.perm)
         return ops.reshape(x, (self.num_blocks, self.d_in, self.d_out))
 
+    def to_wide_blocks(self, x):
+        """`to_blocks(x)` in float32, each block with no more rows than
+        columns (tall blocks transposed), so that blocks of transposed
+        shapes share one Newton–Schulz batch."""
+        blocks = ops.cast(self.to_blocks(x), "float32")
+        return ops.swapaxes(blocks, -1, -2) if self.d_in > self.d_out else blocks
+
     def from_blocks(self, blocks):
         """The inverse of `to_blocks`."""
         if self._transposes:

@@ -414,7 +414,7 @@ class Muon(keras.optimizers.Optimizer):
                 )
                 self.assign(variable, ops.cast(ops.subtract(weights, step), variable.dtype))
             else:
-                blocks = _wide_blocks(view, self._muon_direction(index, gradient))
+                blocks = view.to_wide_blocks(self._muon_direction(index, gradient))
                 groups.setdefault(blocks.shape[1:], []).append((index, variable, lr, blocks))
         return [
             (
@@ -691,14 +691,6 @@ def _in_tf_function():
     import tensorflow as tf
 
     return tf.inside_function()
-
-
-def _wide_blocks(view, x):
-    """`x` as `view`'s blocks, float32, each with no more rows than columns
-    (tall blocks transposed), so that blocks of transposed shapes share one
-    Newton–Schulz batch."""
-    blocks = ops.cast(view.to_blocks(x), "float32")
-    return ops.swapaxes(blocks, -1, -2) if view.d_in > view.d_out else blocks
 
 
 def _concatenated(blocks):

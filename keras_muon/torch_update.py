@@ -120,10 +120,7 @@ def _muon_update(optimizer, entries, learning_rate):
         torch._foreach_add_(directions, gradients)
     groups = {}
     for entry, direction in zip(entries, directions):
-        view = optimizer._routes[entry.index].view
-        blocks = _as(view.to_blocks(direction), torch.float32)
-        if view.d_in > view.d_out:
-            blocks = blocks.transpose(-1, -2)
+        blocks = optimizer._routes[entry.index].view.to_wide_blocks(direction)
         groups.setdefault(tuple(blocks.shape[1:]), []).append((entry, blocks))
     updates = []
     ordered = []
