@@ -167,7 +167,7 @@ def update_flops(distribution, build, name):
 def ns_flops(optimizer, model, devices, name):
     """Newton–Schulz FLOPs per device per step, counted from the routing:
     per group of blocks of one shape, its share of the blocks."""
-    from keras_muon.newton_schulz import newton_schulz_flops
+    from keras_muon.update.newton_schulz import newton_schulz_flops
 
     if name == "keras.optimizers.AdamW":
         return 0

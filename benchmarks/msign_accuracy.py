@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 import keras_muon
-from keras_muon.newton_schulz import uses_gram_iteration
+from keras_muon.update.newton_schulz import uses_gram_iteration
 
 SCHEDULES = ("polar_express", "you", "jordan")
 STEPS = (5, 6, 7, 8)

@@ -285,7 +285,7 @@ def ns_flops(optimizer, model):
     import keras
 
     import keras_muon
-    from keras_muon.newton_schulz import newton_schulz_flops
+    from keras_muon.update.newton_schulz import newton_schulz_flops
 
     if isinstance(optimizer, keras_muon.Muon):
         optimizer.build(model.trainable_variables)
@@ -326,10 +326,10 @@ def ns_throughput(model, rounds, ns_dtype):
     from keras import ops
 
     import keras_muon
-    from keras_muon.newton_schulz import coefficient_schedule
-    from keras_muon.newton_schulz import newton_schulz
-    from keras_muon.newton_schulz import newton_schulz_flops
-    from keras_muon.newton_schulz import newton_schulz_matmuls
+    from keras_muon.update.newton_schulz import coefficient_schedule
+    from keras_muon.update.newton_schulz import newton_schulz
+    from keras_muon.update.newton_schulz import newton_schulz_flops
+    from keras_muon.update.newton_schulz import newton_schulz_matmuls
 
     optimizer = keras_muon.Muon(ns_steps=NS_STEPS, ns_dtype=ns_dtype)
     optimizer.attach(model)

@@ -1,17 +1,18 @@
 """Muon for Keras 3: layer-aware, on TensorFlow, JAX and PyTorch."""
 
 from keras_muon.adamuon import AdaMuon
-from keras_muon.callbacks import QKClipMonitor
-from keras_muon.matrix_views import MatrixView
-from keras_muon.matrix_views import Route
-from keras_muon.matrix_views import register_layer_rule
-from keras_muon.newton_schulz import coefficient_schedule
-from keras_muon.newton_schulz import msign
+from keras_muon.muon import Muon
 from keras_muon.normuon import NorMuon
-from keras_muon.optimizer import Muon
-from keras_muon.qk_clip import AttentionSpec
-from keras_muon.qk_clip import register_attention_rule
-from keras_muon.scaling import update_scale
+from keras_muon.qk_clip.monitor import QKClipMonitor
+from keras_muon.qk_clip.rules import AttentionSpec
+from keras_muon.qk_clip.rules import register_attention_rule
+from keras_muon.routing.keras_layers import register_layer_rule
+from keras_muon.routing.views import MatrixView
+from keras_muon.routing.views import Route
+from keras_muon.update.newton_schulz import coefficient_schedule
+from keras_muon.update.newton_schulz import msign
+from keras_muon.update.rule import update_scale
+
 
 __version__ = "0.1.0"
 

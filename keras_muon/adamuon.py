@@ -3,13 +3,16 @@ import math
 import keras
 from keras import ops
 
-from keras_muon import normalization
 from keras_muon.arguments import boolean
 from keras_muon.arguments import number
-from keras_muon.optimizer import Muon
+from keras_muon.muon import Muon
+from keras_muon.muon import document
+from keras_muon.update import rule
+from keras_muon.update.state import add_float32_state
 
 
 @keras.saving.register_keras_serializable(package="keras_muon")
+@document(omit=("scale", "rms_rate"))
 class AdaMuon(Muon):
     """Muon with an element-wise second moment of the orthogonalized update,
     rescaled to a fixed update RMS.
@@ -25,8 +28,8 @@ class AdaMuon(Muon):
     Each block's update has RMS exactly `rms_rate`, as AdamW's typically
     has, so AdamW's learning rate and weight decay carry over. `V` has the
     shape and layout of the variable (float32): the state of a Muon
-    variable is then the size of AdamW's, two moments. Routing, views, batching and the AdamW
-    side are `Muon`'s.
+    variable is then the size of AdamW's, two moments. Routing, views,
+    batching and the AdamW side are `Muon`'s.
 
     Args:
         beta_2: Float in [0, 1), the decay of `V`, or `None` for `momentum`.
@@ -36,13 +39,15 @@ class AdaMuon(Muon):
             direction itself. Defaults to `True`.
         rms_rate: Float > 0, the RMS of each block's update. Defaults to
             `0.2`.
-        **kwargs: Every argument of `Muon` but `scale`.
+        {{muon_arguments}}
 
     References:
         - [Si et al., 2025](https://arxiv.org/abs/2507.11005)
     """
 
-    def __init__(self, beta_2=None, sign_input=True, rms_rate=0.2, name=None, **kwargs):
+    def __init__(
+        self, beta_2=None, sign_input=True, rms_rate=rule.DEFAULT_RMS_RATE, name=None, **kwargs
+    ):
         if "scale" in kwargs:
             raise ValueError(
                 "AdaMuon has no `scale`: each block's update has the RMS "
@@ -58,24 +63,21 @@ class AdaMuon(Muon):
     def _block_scale(self, view):
         return self.rms_rate * math.sqrt(view.d_in * view.d_out)
 
-    def _add_block_state(self, variable, view):
+    def _add_variant_state(self, variable, view):
         # The variable's shape and layout, so that it is sharded as the
         # variable is; read as blocks at each step.
-        return self._add_float32_state(
-            variable, "second_moment", variable.shape, getattr(variable, "_layout", None)
-        )
+        layout = getattr(variable, "_layout", None)
+        return add_float32_state(self, variable, "second_moment", variable.shape, layout)
 
     def _orthogonalization_input(self, blocks):
         return ops.sign(blocks) if self.sign_input else blocks
 
-    def _normalized(self, index, orthogonal_blocks):
-        state = self._block_states[index]
-        view = self._routes[index].view
+    def _normalized(self, entry, blocks):
+        second_moment = entry.state.variant_state
+        view = entry.state.route.view
         beta_2 = self.momentum if self.beta_2 is None else self.beta_2
-        normalized, second_moment = normalization.adamuon(
-            orthogonal_blocks, view.to_blocks(state), beta_2
-        )
-        self.assign(state, view.from_blocks(second_moment))
+        normalized, new_second_moment = rule.adamuon(blocks, view.to_blocks(second_moment), beta_2)
+        self.assign(second_moment, view.from_blocks(new_second_moment))
         return normalized
 
     def get_config(self):

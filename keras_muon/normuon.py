@@ -1,11 +1,14 @@
 import keras
 
-from keras_muon import normalization
 from keras_muon.arguments import number
-from keras_muon.optimizer import Muon
+from keras_muon.muon import Muon
+from keras_muon.muon import document
+from keras_muon.update import rule
+from keras_muon.update.state import add_float32_state
 
 
 @keras.saving.register_keras_serializable(package="keras_muon")
+@document
 class NorMuon(Muon):
     """Muon with a per-neuron second moment of the orthogonalized update.
 
@@ -29,7 +32,7 @@ class NorMuon(Muon):
         neuron_axis: `"longer"` (one entry per row or column of the longer
             side of each `(d_in, d_out)` block, output on a tie) or
             `"output"` (one per output feature). Defaults to `"longer"`.
-        **kwargs: Every argument of `Muon`.
+        {{muon_arguments}}
 
     References:
         - [Li et al., 2025](https://arxiv.org/abs/2510.05491)
@@ -38,21 +41,17 @@ class NorMuon(Muon):
     def __init__(self, beta_2=0.95, neuron_axis="longer", name=None, **kwargs):
         super().__init__(name=name, **kwargs)
         self.beta_2 = number("beta_2", beta_2, minimum=0.0, below=1.0)
-        normalization.neuron_state_shape(1, 1, 1, neuron_axis)  # validates it
+        rule.neuron_state_shape(1, 1, 1, neuron_axis)  # validates it
         self.neuron_axis = neuron_axis
 
-    def _add_block_state(self, variable, view):
-        shape = normalization.neuron_state_shape(
-            view.num_blocks, view.d_in, view.d_out, self.neuron_axis
-        )
-        return self._add_float32_state(variable, "neuron_second_moment", shape)
+    def _add_variant_state(self, variable, view):
+        shape = rule.neuron_state_shape(view.num_blocks, view.d_in, view.d_out, self.neuron_axis)
+        return add_float32_state(self, variable, "neuron_second_moment", shape)
 
-    def _normalized(self, index, orthogonal_blocks):
-        state = self._block_states[index]
-        normalized, second_moment = normalization.normuon(
-            orthogonal_blocks, state, self.beta_2
-        )
-        self.assign(state, second_moment)
+    def _normalized(self, entry, blocks):
+        second_moment = entry.state.variant_state
+        normalized, new_second_moment = rule.normuon(blocks, second_moment, self.beta_2)
+        self.assign(second_moment, new_second_moment)
         return normalized
 
     def get_config(self):

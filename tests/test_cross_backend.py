@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="starts all three backends itself, so it runs in the JAX session only",

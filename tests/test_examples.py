@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -26,6 +27,7 @@ import muonclip  # noqa: E402
 import quality  # noqa: E402
 import routing_survey  # noqa: E402
 import step_time  # noqa: E402
+
 
 TINY_TRANSFORMER = [
     "--steps", "4", "--eval-every", "2", "--width", "16", "--depth", "1",

@@ -6,6 +6,7 @@ import pytest
 
 import keras_muon
 
+
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="compares with torch.optim.Muon"
 )

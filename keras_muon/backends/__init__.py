@@ -1,0 +1,1 @@
+"""Speed and scale: the torch multi-tensor update and distribution."""

@@ -1,0 +1,214 @@
+"""Data parallelism: who the replicas are, and how they share the work.
+
+Under data parallelism every replica holds the same Muon momentums and
+would orthogonalize every block. Instead, the blocks of a batch are split
+into equal shares, one per replica (zero blocks pad the batch to a multiple
+of the number of replicas: msign of zero is zero); each replica runs
+Newton–Schulz on its share and the replicas exchange the results, so that
+each computes `1/N` of the work and all end with the same update:
+
+- `keras.distribution` (JAX): `shard_map` inside the compiled step, over
+  every device of the mesh;
+- `tf.distribute.MirroredStrategy`: an all-gather between replicas, or,
+  where the strategy updates variables through `merge_call`, two passes
+  over the replicas (`backends.tf_mirrored`);
+- torch: an all-gather over the default process group, when one is
+  initialized (DistributedDataParallel).
+
+This module also answers the questions about the strategy in use that the
+rest of the package asks (`tf_strategy`, `torch_process_count`), takes
+the max of QK-Clip's logits over replicas, and refuses torch FSDP.
+"""
+
+import math
+import sys
+
+import keras
+from keras import ops
+
+from keras_muon.update.newton_schulz import newton_schulz
+
+
+def orthogonalize(blocks, schedule, dtype=None, split=True):
+    """`newton_schulz(blocks, schedule, dtype)`, with the blocks split among
+    the data-parallel replicas when `split` is true and there are several."""
+    if split:
+        backend = keras.backend.backend()
+        if backend == "jax":
+            return _jax_split(blocks, schedule, dtype)
+        if backend == "tensorflow":
+            return _tf_split(blocks, schedule, dtype)
+        if backend == "torch":
+            return _torch_split(blocks, schedule, dtype)
+    return newton_schulz(blocks, schedule, dtype)
+
+
+def share(blocks, replica, replicas):
+    """Replica `replica`'s share of `blocks` (stacked on axis 0), out of
+    `replicas` equal shares of the blocks padded with zero blocks."""
+    size = -(-blocks.shape[0] // replicas)
+    padded = _padded(blocks, size * replicas)
+    return ops.slice(padded, [replica * size, 0, 0], [size, *blocks.shape[1:]])
+
+
+def _padded(blocks, count):
+    """`blocks` with zero blocks appended up to `count` (on their device)."""
+    missing = count - blocks.shape[0]
+    if missing == 0:
+        return blocks
+    return ops.pad(blocks, [[0, missing], [0, 0], [0, 0]])
+
+
+def _jax_split(blocks, schedule, dtype):
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec
+
+    distribution = keras.distribution.distribution()
+    devices = 1 if distribution is None else math.prod(distribution.device_mesh.shape)
+    if devices < 2:
+        return newton_schulz(blocks, schedule, dtype)
+    mesh = distribution.device_mesh
+    # Every device of the mesh takes a share, those of the model axis too:
+    # they would otherwise orthogonalize the same blocks.
+    axes = tuple(mesh.axis_names)
+    count = blocks.shape[0]
+    size = -(-count // devices)
+
+    def orthogonalize_share(mine):
+        # A share of padding only (fewer blocks than devices) is skipped,
+        # so that the padding costs no time where devices share a host.
+        first = jax.lax.axis_index(axes) * size
+        return jax.lax.cond(
+            first < count,
+            lambda x: newton_schulz(x, schedule, dtype),
+            lambda x: x,  # zeros
+            mine,
+        )
+
+    padded = _padded(blocks, size * devices)
+    if isinstance(distribution, keras.distribution.DataParallel):
+        # Replicated, as the update computed it: otherwise XLA shards that
+        # computation too, and moves its pieces by all-to-alls. (Under
+        # ModelParallel the blocks arrive sharded as their variables, and
+        # go to their shares without being gathered whole anywhere.)
+        padded = jax.lax.with_sharding_constraint(
+            padded, NamedSharding(mesh.backend_mesh, PartitionSpec())
+        )
+    # The result stays split among the devices; XLA gathers it where the
+    # update needs it (all of it under DataParallel).
+    split = _shard_map(jax)(
+        orthogonalize_share,
+        mesh=mesh.backend_mesh,
+        in_specs=PartitionSpec(axes),
+        out_specs=PartitionSpec(axes),
+    )
+    return split(padded)[:count]
+
+
+def _shard_map(jax):
+    """`jax.shard_map`, or its experimental form in JAX versions before it."""
+    if hasattr(jax, "shard_map"):
+        return lambda f, **kwargs: jax.shard_map(f, check_vma=False, **kwargs)
+    from jax.experimental.shard_map import shard_map
+
+    return lambda f, **kwargs: shard_map(f, check_rep=False, **kwargs)
+
+
+def _tf_split(blocks, schedule, dtype):
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    # None in a cross-replica context: `tf_mirrored` splits there.
+    if context is None or context.num_replicas_in_sync < 2:
+        return newton_schulz(blocks, schedule, dtype)
+    replicas = context.num_replicas_in_sync
+    mine = newton_schulz(
+        share(blocks, context.replica_id_in_sync_group, replicas), schedule, dtype
+    )
+    return context.all_gather(mine, axis=0)[: blocks.shape[0]]
+
+
+def _torch_split(blocks, schedule, dtype):
+    processes = torch_process_count()
+    if processes < 2:
+        return newton_schulz(blocks, schedule, dtype)
+    import torch
+    import torch.distributed as dist
+
+    mine = newton_schulz(share(blocks, dist.get_rank(), processes), schedule, dtype)
+    gathered = [torch.empty_like(mine) for _ in range(processes)]
+    dist.all_gather(gathered, mine.contiguous())
+    return torch.cat(gathered)[: blocks.shape[0]]
+
+
+def torch_process_count():
+    """The size of torch's default process group (1 without one)."""
+    if keras.backend.backend() != "torch" or "torch.distributed" not in sys.modules:
+        return 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def max_over_replicas(x):
+    """`x`'s elementwise max over data-parallel replicas, where each
+    replica sees only its share of the batch (tf.distribute, torch
+    distributed); `keras.distribution` computes on the global batch."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            # ReduceOp has no MAX: gather every replica's, then reduce.
+            return ops.max(context.all_gather(x[None], axis=0), axis=0)
+    elif torch_process_count() > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def tf_strategy():
+    """The `tf.distribute` strategy in scope on TensorFlow, or None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+
+
+def is_mirrored(strategy):
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MirroredStrategy)
+
+
+def reject_fsdp_parameters(model):
+    """Raises if torch FSDP has replaced `model`'s torch parameters, by
+    shards (`fully_shard`) or by one flat parameter
+    (`FullyShardedDataParallel`): Keras layers compute with their own
+    variables, so each process would silently train its own copy."""
+    if model is None or keras.backend.backend() != "torch":
+        return
+    # A program using FSDP has imported the modules of both types.
+    fsdp_types = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in [
+            ("torch.distributed.tensor", "DTensor"),
+            ("torch.distributed.fsdp", "FlatParameter"),
+        ]
+        if module in sys.modules
+    )
+    if any(isinstance(p, fsdp_types) for p in model.parameters()):
+        raise ValueError(
+            "This model's torch parameters were replaced by torch FSDP. "
+            "Keras layers compute with their own variables, not FSDP's "
+            "shards or flat parameters, so processes would not be "
+            "synchronized. Use torch DistributedDataParallel, or the JAX "
+            "backend's keras.distribution.ModelParallel to shard."
+        )

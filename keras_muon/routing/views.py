@@ -1,0 +1,140 @@
+"""How a variable is read as `(d_in, d_out)` matrices, and where it goes.
+
+A Keras layer stores its weight matrix in a layout of its own: a `Conv2D`
+kernel is `(kh, kw, c_in/groups, c_out)`, an LSTM kernel concatenates four
+gates, a `MultiHeadAttention` projection is 3-D. A `MatrixView` says how to
+reshape and transpose such a variable into `num_blocks` matrices of shape
+`(d_in, d_out)`, in the layer's own sense: `d_in` is the side it reads. A
+`Route` sends a variable to Muon with its view, or to AdamW, with the
+reason either way.
+"""
+
+import dataclasses
+import math
+
+from keras import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixView:
+    """A variable read as a stack of `(d_in, d_out)` matrices.
+
+    The variable is reshaped to `split_shape`, transposed by `perm` (block,
+    input and output axes, in that order) and reshaped to
+    `(num_blocks, d_in, d_out)`. Build one with `MatrixView.from_axes`.
+    """
+
+    shape: tuple
+    split_shape: tuple
+    perm: tuple
+    num_blocks: int
+    d_in: int
+    d_out: int
+
+    @classmethod
+    def from_axes(cls, shape, inputs, outputs, blocks=(), split_shape=None):
+        """Views `shape` with the given input, output and block axes.
+
+        Args:
+            shape: Shape of the variable.
+            inputs: Axes whose product is `d_in` (the side the layer reads).
+            outputs: Axes whose product is `d_out`.
+            blocks: Axes that index independent matrices (attention heads,
+                RNN gates, conv groups).
+            split_shape: Optional shape to reshape the variable to first, so
+                that one stored axis can hold several logical ones (e.g. an
+                LSTM kernel `(i, 4·u)` read as `(i, 4, u)`). The axes above
+                refer to it.
+
+        Returns:
+            A `MatrixView`.
+        """
+        shape = tuple(int(d) for d in shape)
+        split_shape = tuple(int(d) for d in (split_shape or shape))
+        if math.prod(split_shape) != math.prod(shape):
+            raise ValueError(
+                f"split_shape {split_shape} does not have the size of the "
+                f"variable shape {shape}"
+            )
+        inputs, outputs, blocks = tuple(inputs), tuple(outputs), tuple(blocks)
+        perm = blocks + inputs + outputs
+        if sorted(perm) != list(range(len(split_shape))):
+            raise ValueError(
+                f"blocks {blocks}, inputs {inputs} and outputs {outputs} must "
+                f"name every axis of shape {split_shape} exactly once"
+            )
+        if not inputs or not outputs:
+            raise ValueError("A matrix view needs input and output axes")
+
+        def size(axes):
+            return math.prod(split_shape[a] for a in axes)
+
+        # Axes of size 1 do not move data: skip transposes that only move them.
+        moved = [a for a in perm if split_shape[a] != 1]
+        if moved == sorted(moved):
+            perm = tuple(range(len(split_shape)))
+        return cls(
+            shape=shape,
+            split_shape=split_shape,
+            perm=perm,
+            num_blocks=size(blocks),
+            d_in=size(inputs),
+            d_out=size(outputs),
+        )
+
+    @classmethod
+    def dense(cls, shape):
+        """A `(d_in, d_out)` variable as one matrix, as a `Dense` kernel."""
+        return cls.from_axes(shape, inputs=(0,), outputs=(1,))
+
+    @property
+    def matrix_shape(self):
+        return (self.d_in, self.d_out)
+
+    @property
+    def _transposes(self):
+        return self.perm != tuple(range(len(self.perm)))
+
+    def to_blocks(self, x):
+        """`x` of the variable's shape as `(num_blocks, d_in, d_out)`."""
+        if self._transposes:
+            x = ops.transpose(ops.reshape(x, self.split_shape), self.perm)
+        return ops.reshape(x, (self.num_blocks, self.d_in, self.d_out))
+
+    @property
+    def is_tall(self):
+        """Whether a block has more rows (`d_in`) than columns (`d_out`)."""
+        return self.d_in > self.d_out
+
+    def to_wide_blocks(self, x):
+        """`to_blocks(x)` in float32, each block with no more rows than
+        columns (tall blocks transposed), so that blocks of transposed
+        shapes share one Newton–Schulz batch."""
+        blocks = ops.cast(self.to_blocks(x), "float32")
+        return ops.swapaxes(blocks, -1, -2) if self.is_tall else blocks
+
+    def from_wide_blocks(self, blocks):
+        """The inverse of `to_wide_blocks`, but for the dtype:
+        `(num_blocks, d_in, d_out)` blocks."""
+        return ops.swapaxes(blocks, -1, -2) if self.is_tall else blocks
+
+    def from_blocks(self, blocks):
+        """The inverse of `to_blocks`."""
+        if self._transposes:
+            permuted = tuple(self.split_shape[a] for a in self.perm)
+            blocks = ops.reshape(blocks, permuted)
+            inverse = tuple(self.perm.index(a) for a in range(len(self.perm)))
+            blocks = ops.transpose(blocks, inverse)
+        return ops.reshape(blocks, self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where a variable is optimized: Muon with `view`, or AdamW if None."""
+
+    view: MatrixView | None
+    reason: str
+
+    @property
+    def name(self):
+        return "adamw" if self.view is None else "muon"

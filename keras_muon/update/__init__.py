@@ -1,0 +1,1 @@
+"""The arithmetic of the update: formulas, Newton–Schulz and batching."""

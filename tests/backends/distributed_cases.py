@@ -1,0 +1,508 @@
+"""The training runs of the distribution tests, and their checks.
+
+A small transformer is trained a few steps on one device and distributed:
+with keras.distribution (DataParallel and ModelParallel) on 8 simulated CPU
+devices on JAX, with tf.distribute strategies on 2 logical CPU devices on
+TensorFlow, and with torch DistributedDataParallel over 2 processes on
+torch. Devices must be set up before the backend starts, so each case runs
+this file as a script in a subprocess (`python distributed_cases.py
+<backend>[:<strategy>] <output file>`), which writes what it measured to
+JSON; the tests (test_distributed.py, test_tf_mirrored.py) check it. Each
+case also records which blocks each device orthogonalized
+(`split_newton_schulz`), and the weights with the split turned off.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import keras_muon
+from keras_muon.backends import distributed
+
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKEND = keras.backend.backend()
+
+STEPS, BATCH, SEQUENCE, WIDTH, HEADS, DEPTH = 4, 16, 32, 64, 4, 2
+LEARNING_RATE = 0.02
+# Below the largest attention logits of every step (3.7 to 5.5), above
+# most: QK-Clip clips a few heads each step.
+QK_CLIP = {"qk_clip_threshold": 3.5}
+# Muon's blocks in this model, stacked per shape: 4 attention projections
+# (64×64) per block, and the up and (transposed) down projections (64×256).
+BLOCK_BATCHES = [(2 * DEPTH, WIDTH, 4 * WIDTH), (4 * DEPTH, WIDTH, WIDTH)]
+# MirroredStrategy with merge_call (the default) and without it, as it runs
+# XLA-compiled steps on GPUs; OneDeviceStrategy stands for the others.
+TF_STRATEGIES = ["MirroredStrategy", "MirroredStrategy without merge_call", "OneDeviceStrategy"]
+# ModelParallel on a (batch 2, model 4) mesh: attention heads and
+# feed-forward units (Muon), embedding features and the LM head's vocabulary
+# (AdamW) are split over the model axis.
+MODEL_PARALLEL_LAYOUTS = {
+    "block.*_attention/(query|key|value)/kernel": (None, "model", None),
+    "block.*_attention/attention_output/kernel": ("model", None, None),
+    "block.*_up/kernel": (None, "model"),
+    "block.*_down/kernel": ("model", None),
+    "token_embedding/embeddings": (None, "model"),
+    "lm_head/kernel": (None, "model"),
+}
+
+
+def run_case(case, tmp_path, timeout=600):
+    output = tmp_path / "result.json"
+    completed = subprocess.run(
+        [sys.executable, __file__, case, str(output)],
+        env=dict(os.environ, KERAS_BACKEND=BACKEND),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+def check_clipped_as_on_one_device(result):
+    """QK-Clip clipped heads, and distributed as on one device: the query
+    and key kernels it rescales, and the Muon momentums. (The AdamW side
+    is compared without QK-Clip: where its gradients are round-off, as
+    for the key bias, AdamW's normalized update differs by up to lr.)"""
+    assert result["clipped heads"] > 0, result
+    assert result["max query/key kernel difference"] <= 1e-4, result
+    assert result["max momentum relative difference"] <= 1e-3, result
+
+
+def check_matches_one_device(result):
+    # Momentums are compared relative to their size: unlike the weights,
+    # they show a wrongly scaled gradient (msign ignores the scale).
+    assert result["max weight difference"] <= 1e-4, result
+    assert result["max momentum relative difference"] <= 1e-3, result
+
+
+# What runs in the subprocess.
+
+
+def transformer():
+    sys.path.insert(0, str(ROOT / "examples"))
+    from char_transformer import char_transformer
+
+    return char_transformer(SEQUENCE, WIDTH, DEPTH, HEADS)
+
+
+def initial_weights_and_data():
+    keras.utils.set_random_seed(0)
+    weights = transformer().get_weights()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (STEPS * BATCH, SEQUENCE + 1)).astype("int32")
+    return weights, (tokens[:, :-1], tokens[:, 1:])
+
+
+def loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def fit(weights, data, scope=None, **options):
+    """Trains the transformer with keras_muon.Muon(**options) under `scope`
+    (a distribution's, or none); returns the model and the optimizer."""
+    import contextlib
+
+    with scope or contextlib.nullcontext():
+        model = transformer()
+        model.set_weights(weights)
+        optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE, **options)
+        model.compile(optimizer=optimizer, loss=loss())
+        model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    return model, optimizer
+
+
+def muon_momentums(model, optimizer):
+    """{variable path: its momentum} for the variables routed to Muon."""
+    by_path = {v.path: v for v in optimizer.variables}
+    muon = [row["path"] for row in optimizer.routing_table() if row["route"] == "muon"]
+    assert len(muon) == 6 * DEPTH  # attention and feed-forward kernels
+    return {path: by_path[f"{optimizer.name}/{path.replace('/', '_')}_momentum"] for path in muon}
+
+
+def snapshot(model, optimizer):
+    """The weights and Muon momentums, as NumPy arrays by name."""
+    arrays = {
+        f"weight {v.path}": v for v in model.trainable_variables if "qk_clip" not in v.path
+    }
+    for path, momentum in muon_momentums(model, optimizer).items():
+        arrays[f"momentum {path}"] = momentum
+    return {name: keras.ops.convert_to_numpy(v) for name, v in arrays.items()}
+
+
+def differences(reference, other):
+    """Largest weight difference (and among the attention's query and key
+    kernels), and largest momentum difference relative to that momentum's
+    largest entry, between two snapshots."""
+
+    def largest(keys):
+        return max(float(np.max(np.abs(reference[k] - other[k]))) for k in keys)
+
+    weights = [k for k in reference if k.startswith("weight")]
+    query_key = [k for k in weights if k.endswith(("query/kernel", "key/kernel"))]
+    momentums = max(
+        float(np.max(np.abs(reference[k] - other[k])) / np.max(np.abs(reference[k])))
+        for k in reference
+        if k.startswith("momentum")
+    )
+    return {
+        "max weight difference": largest(weights),
+        "max query/key kernel difference": largest(query_key),
+        "max momentum relative difference": momentums,
+    }
+
+
+def jax_case():
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    weights, data = initial_weights_and_data()
+    one_device = snapshot(*fit(weights, data))
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    for pattern, layout in MODEL_PARALLEL_LAYOUTS.items():
+        layout_map[pattern] = layout
+    distributions = {
+        "DataParallel": keras.distribution.DataParallel(devices=devices),
+        "ModelParallel": keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        ),
+    }
+    result = {"devices": len(devices)}
+    for name, distribution in distributions.items():
+        model, optimizer = fit(weights, data, distribution.scope())
+        result[name] = differences(one_device, snapshot(model, optimizer))
+        result[name]["state"] = state_layouts(model, optimizer)
+        unsplit = fit(weights, data, distribution.scope(), split_newton_schulz=False)
+        result[f"{name} without split"] = differences(one_device, snapshot(*unsplit))
+    # What the benchmark measures: XLA's cost analysis of the compiled
+    # `optimizer.apply`, per device.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from distributed_step_time import update_flops
+
+    one = keras.distribution.DataParallel(devices=devices[:1])
+    split, unsplit = "keras_muon.Muon", "keras_muon.Muon, unsplit"
+    result["update FLOPs per device"] = {
+        "one device": update_flops(one, transformer, split),
+        **{name: update_flops(d, transformer, split) for name, d in distributions.items()},
+        "DataParallel without split": update_flops(
+            distributions["DataParallel"], transformer, unsplit
+        ),
+    }
+    one_device_clipped, clipped_heads = clipped_snapshot(weights, data)
+    for name, distribution in distributions.items():
+        model, optimizer = fit(weights, data, distribution.scope(), **QK_CLIP)
+        result[f"{name} QK-Clip"] = differences(one_device_clipped, snapshot(model, optimizer))
+        result[f"{name} QK-Clip"]["clipped heads"] = clipped_heads
+
+    def model_parallel_state(optimizer_type):
+        with distributions["ModelParallel"].scope():
+            model = transformer()
+            optimizer = optimizer_type()
+            optimizer.attach(model)
+            optimizer.build(model.trainable_variables)
+        return state_layouts(model, optimizer)
+
+    result["ModelParallel AdaMuon second moments"] = [
+        row for row in model_parallel_state(keras_muon.AdaMuon) if row["state"] == "second_moment"
+    ]
+    keras.config.set_dtype_policy("bfloat16")
+    result["ModelParallel bfloat16 state"] = [
+        row for row in model_parallel_state(keras_muon.Muon) if "model" in row["variable layout"]
+    ]
+    return result
+
+
+def clipped_snapshot(weights, data):
+    """One device's `snapshot` with QK-Clip, and the heads it clipped in
+    the last step."""
+    model, optimizer = fit(weights, data, **QK_CLIP)
+    return snapshot(model, optimizer), optimizer.clipped_heads()
+
+
+def state_layouts(model, optimizer):
+    """For each state variable of each trainable variable (a momentum; for
+    AdamW a velocity; for AdaMuon a second moment): the variable's layout,
+    the state's own layout and dtype, and on how many devices it lives."""
+
+    def layout(variable):
+        spec = list(variable.value.sharding.spec)
+        return spec + [None] * (len(variable.shape) - len(spec))
+
+    states = {v.path: v for v in optimizer.variables}
+    rows = []
+    for variable in model.trainable_variables:
+        for kind in ("momentum", "velocity", "second_moment"):
+            state = states.get(f"{optimizer.name}/{variable.path.replace('/', '_')}_{kind}")
+            if state is not None:
+                rows.append(
+                    {
+                        "variable": variable.path,
+                        "state": kind,
+                        "variable layout": layout(variable),
+                        "state layout": layout(state),
+                        "state dtype": state.dtype,
+                        "state devices": len(state.value.sharding.device_set),
+                    }
+                )
+    return rows
+
+
+def tensorflow_case(strategy_name):
+    """Training under one of TF_STRATEGIES (each in its own process: two
+    MirroredStrategy instances in one process mix up their collectives)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+
+    weights, data = initial_weights_and_data()
+    one_device = snapshot(*fit(weights, data))
+    one_device_clipped, clipped_heads = clipped_snapshot(weights, data)
+    newton_schulz = distributed.newton_schulz
+
+    def recorded_fit(**options):
+        """`fit` under the strategy, and the shapes of the blocks each
+        device orthogonalized."""
+        calls = {}
+
+        def recording_newton_schulz(x, *args):
+            calls.setdefault(x.device.split("device:")[-1], []).append(list(x.shape))
+            return newton_schulz(x, *args)
+
+        distributed.newton_schulz = recording_newton_schulz
+        try:
+            model, optimizer = fit(weights, data, strategy.scope(), **options)
+        finally:
+            distributed.newton_schulz = newton_schulz
+        result = differences(one_device, snapshot(model, optimizer))
+        result["newton_schulz calls"] = calls
+        return result, model, optimizer
+
+    if strategy_name == "OneDeviceStrategy":
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:1")
+    else:
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        if strategy_name.endswith("without merge_call"):
+            strategy.extended._use_merge_call = lambda: False
+    result, model, optimizer = recorded_fit()
+    if strategy_name == "MirroredStrategy":
+        unsplit, *trained = recorded_fit(split_newton_schulz=False)
+        unsplit["max difference between replicas"] = replica_difference(*trained)
+        result["without split"] = unsplit
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        result["max difference between replicas"] = replica_difference(model, optimizer)
+        clipped = fit(weights, data, strategy.scope(), **QK_CLIP)
+        result["QK-Clip"] = differences(one_device_clipped, snapshot(*clipped))
+        result["QK-Clip"]["clipped heads"] = clipped_heads
+        result["QK-Clip"]["max difference between replicas"] = replica_difference(*clipped)
+        result["state"] = [
+            {
+                "path": v.path,
+                "class": type(v.value).__name__,
+                "devices": [c.device for c in v.value.values],
+            }
+            for v in optimizer.variables
+        ]
+    return result
+
+
+def replica_difference(model, optimizer):
+    """The largest difference between the two replicas' copies of any
+    variable."""
+    return max(
+        float(np.max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy())))
+        for v in model.variables + optimizer.variables
+    )
+
+
+def tensorflow_raw_variables_case():
+    """Raw `tf.Variable`s (no path; `value` is a method) trained a few steps
+    in a custom loop under MirroredStrategy, and on one device."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+
+    def train(strategy):
+        with strategy.scope():
+            variables = [
+                tf.Variable(np.linspace(-1, 1, 12).reshape(4, 3).astype("float32"), name="matrix"),
+                tf.Variable(np.ones(3, "float32"), name="bias"),
+            ]
+            optimizer = keras_muon.Muon(learning_rate=0.1, exclude_layers=["matrix"])
+            optimizer.build(variables)
+        # Replicas' gradients are summed: each gives its share.
+        share = 1.0 / strategy.num_replicas_in_sync
+
+        def replica_step(scale):
+            grads = [tf.fill((4, 3), scale * share), tf.fill((3,), -share)]
+            optimizer.apply_gradients(zip(grads, variables))
+
+        @tf.function
+        def step(scale):
+            strategy.run(replica_step, args=(scale,))
+
+        for scale in (1.0, 2.0, 3.0):
+            step(tf.constant(scale))
+        return variables, optimizer
+
+    one_device, _ = train(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    mirrored, optimizer = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return {
+        "max weight difference": max(
+            float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(one_device, mirrored)
+        ),
+        "max difference between replicas": max(
+            float(np.max(np.abs(v.values[0].numpy() - v.values[1].numpy()))) for v in mirrored
+        ),
+        "paths": [row["path"] for row in optimizer.routing_table()],
+    }
+
+
+def torch_case():
+    import torch.multiprocessing
+
+    weights, data = initial_weights_and_data()
+    result = {}
+    runs = {"plain": {}, "QK-Clip": QK_CLIP, "without split": {"split_newton_schulz": False}}
+    for name, options in runs.items():
+        one_device, clipped_heads = train_torch(weights, data, options=options)
+        outputs = [Path(sys.argv[2]).with_suffix(f".rank{rank}.npz") for rank in range(2)]
+        torch.multiprocessing.spawn(
+            torch_rank, args=(2, free_port(), weights, data, outputs, options), nprocs=2
+        )
+        ranks = [dict(np.load(path)) for path in outputs]
+        result[name] = differences(one_device, ranks[0])
+        result[name]["max difference between processes"] = max(
+            float(np.max(np.abs(ranks[0][k] - ranks[1][k]))) for k in ranks[0]
+        )
+        result[name]["clipped heads"] = clipped_heads
+        result[name]["newton_schulz calls"] = [
+            json.loads(path.with_suffix(".json").read_text()) for path in outputs
+        ]
+    result["errors under FSDP"] = errors_under_fsdp(free_port())
+    return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def errors_under_fsdp(port):
+    """What building keras_muon raises for a model under each version of
+    torch FSDP (None: nothing)."""
+    import torch.distributed
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import fully_shard
+
+    wrappers = {
+        "fully_shard": fully_shard,
+        "FullyShardedDataParallel": lambda model: FullyShardedDataParallel(
+            model, device_id=torch.device("cpu")
+        ),
+    }
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+    errors = {}
+    try:
+        for name, wrap in wrappers.items():
+            model = transformer()
+            wrap(model)
+            optimizer = keras_muon.Muon()
+            optimizer.attach(model)
+            try:
+                optimizer.build(model.trainable_variables)
+                errors[name] = None
+            except ValueError as error:
+                errors[name] = str(error)
+    finally:
+        torch.distributed.destroy_process_group()
+    return errors
+
+
+def train_torch(weights, data, rank=0, world_size=1, options=None):
+    """keras_muon.Muon(**options) in a torch training loop, under
+    DistributedDataParallel when `world_size > 1`: each process takes its
+    slice of every batch, DDP averages the gradients, and every process
+    applies the same update. Returns the final `snapshot`, and the number
+    of heads QK-Clip clipped in the last step (0 without it)."""
+    import torch
+
+    model = transformer()
+    model.set_weights(weights)
+    optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE, **(options or {}))
+    optimizer.attach(model)
+    # QK-Clip's probes are created by `build`: before DDP registers the
+    # parameters.
+    optimizer.build(model.trainable_variables)
+    module = model
+    if world_size > 1:
+        # DDP averages the gradients of these only: all of them, here.
+        registered = {id(p) for p in model.parameters()}
+        assert all(id(v.value) in registered for v in model.trainable_variables)
+        module = torch.nn.parallel.DistributedDataParallel(model)
+    x, y = data
+    share = BATCH // world_size
+    for step in range(STEPS):
+        rows = slice(step * BATCH + rank * share, step * BATCH + (rank + 1) * share)
+        logits = module(torch.as_tensor(x[rows]))
+        model.zero_grad()
+        value = loss()(torch.as_tensor(y[rows]), logits)
+        (value + sum(model.losses)).backward()  # QK-Clip's logits, if on
+        grads = [v.value.grad for v in model.trainable_variables]
+        optimizer.apply(grads, model.trainable_variables)
+    clipped = optimizer.clipped_heads() if optimizer.qk_clip_threshold else 0
+    return snapshot(model, optimizer), clipped
+
+
+def torch_rank(rank, world_size, port, weights, data, outputs, options):
+    """One DDP process: trains, saves its `snapshot` to `outputs[rank]`
+    and the shapes of the blocks it orthogonalized beside it (.json)."""
+    import torch.distributed
+
+    calls = []
+    newton_schulz = distributed.newton_schulz
+
+    def recording_newton_schulz(x, *args):
+        calls.append(list(x.shape))
+        return newton_schulz(x, *args)
+
+    distributed.newton_schulz = recording_newton_schulz
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        arrays, _ = train_torch(weights, data, rank, world_size, options)
+        np.savez(outputs[rank], **arrays)
+        outputs[rank].with_suffix(".json").write_text(json.dumps(calls))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    case, output = sys.argv[1:]
+    backend, _, option = case.partition(":")
+    cases = {
+        "jax": jax_case,
+        "tensorflow": tensorflow_case,
+        "tensorflow_raw_variables": tensorflow_raw_variables_case,
+        "torch": torch_case,
+    }
+    arguments = [option] if option else []
+    Path(output).write_text(json.dumps(cases[backend](*arguments)))

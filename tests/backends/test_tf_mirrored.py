@@ -1,0 +1,54 @@
+"""tf.distribute strategies on 2 logical CPU devices, compared with one
+device (the training runs in subprocesses: see distributed_cases.py)."""
+
+import pytest
+
+from tests.backends.distributed_cases import BACKEND
+from tests.backends.distributed_cases import BLOCK_BATCHES
+from tests.backends.distributed_cases import DEPTH
+from tests.backends.distributed_cases import TF_STRATEGIES
+from tests.backends.distributed_cases import check_clipped_as_on_one_device
+from tests.backends.distributed_cases import check_matches_one_device
+from tests.backends.distributed_cases import run_case
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
+@pytest.mark.parametrize("strategy", TF_STRATEGIES)
+def test_tf_strategy_matches_one_device(tmp_path, strategy):
+    result = run_case(f"tensorflow:{strategy}", tmp_path)
+    check_matches_one_device(result)
+    calls = result["newton_schulz calls"]
+    if strategy == "OneDeviceStrategy":
+        # Updates one variable at a time, where it lives.
+        assert list(calls) == ["CPU:1"] and len(calls["CPU:1"]) % (6 * DEPTH) == 0, calls
+        return
+    assert result["max difference between replicas"] == 0.0
+    check_clipped_as_on_one_device(result["QK-Clip"])
+    assert result["QK-Clip"]["max difference between replicas"] == 0.0
+    for row in result["state"]:
+        assert row["class"] == "MirroredVariable" and len(row["devices"]) == 2, row
+    # Each replica orthogonalizes half of the blocks of each shape, once
+    # per trace; with split_newton_schulz=False, all of them.
+    shares = [(count // 2, *shape) for count, *shape in BLOCK_BATCHES]
+    check_one_batch_per_shape(calls, shares)
+    if "without split" in result:
+        check_matches_one_device(result["without split"])
+        assert result["without split"]["max difference between replicas"] == 0.0
+        check_one_batch_per_shape(result["without split"]["newton_schulz calls"], BLOCK_BATCHES)
+
+
+def check_one_batch_per_shape(calls, batches):
+    """One Newton–Schulz batch of each of `batches` per replica, per trace."""
+    assert sorted(calls) == ["CPU:0", "CPU:1"]
+    traces = len(calls["CPU:0"]) // len(batches)
+    assert traces >= 1
+    for shapes in calls.values():
+        assert sorted(map(tuple, shapes)) == sorted(batches * traces)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
+def test_tf_mirrored_strategy_trains_raw_tf_variables(tmp_path):
+    result = run_case("tensorflow_raw_variables", tmp_path)
+    assert result["max weight difference"] <= 1e-6, result
+    assert result["max difference between replicas"] == 0.0, result
+    assert result["paths"] == ["matrix:0", "bias:0"], result

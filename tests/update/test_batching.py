@@ -1,0 +1,93 @@
+"""One Newton–Schulz batch per block shape, and back to the variables."""
+
+import keras
+import numpy as np
+from keras import ops
+
+import keras_muon
+from keras_muon.backends import distributed
+from keras_muon.update import batching
+from keras_muon.update.state import Entry
+from keras_muon.update.state import VariableState
+
+
+def feed_forward_and_attention_model():
+    """Muon blocks of two shapes: 16×64 (two up, two transposed down
+    projections) and 16×16 (the four attention projections)."""
+    inputs = keras.Input((6, 16))
+    x = keras.layers.Dense(64, name="up1")(inputs)
+    x = keras.layers.Dense(16, name="down1")(x)
+    x = keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x)
+    x = keras.layers.Dense(64, name="up2")(x)
+    x = keras.layers.Dense(16, name="down2")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def train_two_steps(model, weights, optimizer):
+    model.set_weights(weights)
+    optimizer.attach(model)
+    rng = np.random.default_rng(40)
+    for _ in range(2):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        optimizer.apply([ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
+    return [ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+
+def test_one_newton_schulz_batch_per_block_shape(monkeypatch):
+    batches = []
+    newton_schulz = distributed.newton_schulz
+
+    def recording_newton_schulz(x, *args):
+        batches.append(tuple(x.shape))
+        return newton_schulz(x, *args)
+
+    monkeypatch.setattr(distributed, "newton_schulz", recording_newton_schulz)
+    keras.utils.set_random_seed(41)
+    model = feed_forward_and_attention_model()
+    train_two_steps(model, model.get_weights(), keras_muon.Muon())
+    assert sorted(batches) == [(4, 16, 16), (4, 16, 16), (4, 16, 64), (4, 16, 64)]
+
+
+def test_batched_update_equals_one_variable_at_a_time(monkeypatch):
+    keras.utils.set_random_seed(42)
+    model = feed_forward_and_attention_model()
+    weights = model.get_weights()
+    batched = train_two_steps(model, weights, keras_muon.Muon(weight_decay=0.1))
+    # The path of tf.distribute strategies other than MirroredStrategy:
+    # `update_step` for each variable.
+    def one_variable_at_a_time(optimizer, grads, variables, learning_rate):
+        for gradient, variable in zip(grads, variables):
+            optimizer.update_step(gradient, variable, learning_rate)
+
+    monkeypatch.setattr(keras_muon.Muon, "_backend_update_step", one_variable_at_a_time)
+    one_at_a_time = train_two_steps(model, weights, keras_muon.Muon(weight_decay=0.1))
+    for a, b, v in zip(batched, one_at_a_time, model.trainable_variables):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=v.path)
+
+
+def entry(shape, name):
+    """An `Entry` of a 2-D variable, or of a 3-D one read per leading index."""
+    if len(shape) == 3:
+        view = keras_muon.MatrixView.from_axes(shape, inputs=(1,), outputs=(2,), blocks=(0,))
+    else:
+        view = keras_muon.MatrixView.dense(shape)
+    state = VariableState(keras_muon.Route(view, name))
+    return Entry(name, None, state)
+
+
+def test_stack_by_shape_and_unstack_round_trip():
+    entries = [entry((4, 6), "wide"), entry((6, 4), "tall"), entry((3, 4, 4), "heads"), entry((4, 4), "square")]
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=e.state.route.view.shape).astype("float32") for e in entries]
+    wide = [e.state.route.view.to_wide_blocks(ops.convert_to_tensor(v)) for e, v in zip(entries, values)]
+    batches = batching.stack_by_shape(entries, wide)
+    # The tall block joins the wide one's batch, in order of appearance.
+    assert [[e.variable for e in b.entries] for b in batches] == [["wide", "tall"], ["heads", "square"]]
+    assert [tuple(b.blocks.shape) for b in batches] == [(2, 4, 6), (4, 4, 4)]
+    for batch in batches:
+        for (e, blocks), original in zip(
+            batching.unstack(batch, batch.blocks), [values[entries.index(x)] for x in batch.entries]
+        ):
+            view = e.state.route.view
+            assert tuple(blocks.shape) == (view.num_blocks, view.d_in, view.d_out)
+            np.testing.assert_array_equal(ops.convert_to_numpy(view.from_blocks(blocks)), original)
