@@ -3,9 +3,11 @@
 Builds keras-hub task models and backbones from tiny configs and
 keras.applications models with `weights=None` (no downloads), routes their
 trainable variables, and prints one row per model: variables, Muon
-variables, Muon blocks, output-head variables and guessed heads. With
-`--save FILE` the routes are written to JSON; with `--compare FILE` the
-routes that differ from a saved run are counted and listed per model.
+variables, Muon blocks, output-head variables and guessed heads. Backbones
+trained alone are surveyed beside the same backbone under a classifier
+head, and the variables routed differently are listed. With `--save FILE`
+the routes are written to JSON; with `--compare FILE` the routes that
+differ from a saved run are counted and listed per model.
 
 Usage:
     python benchmarks/routing_survey.py [--save routes.json] [--compare old.json]
@@ -60,6 +62,37 @@ KERAS_HUB = {
         hidden_size=32, head_size=16, num_layers=1, vocabulary_size=64, intermediate_dim=64)),
 }
 
+# Backbones trained alone (feature extractors; contrastive or self-supervised
+# training), as keras-hub builds them: each is surveyed alone, and under a
+# classifier head (`<name> + head`), as a task model uses it (SigLIP's
+# outputs are image-text logits: it has no such head).
+BACKBONES = {
+    "BertBackbone": dict(ENCODER),
+    "AlbertBackbone": dict(ENCODER, embedding_dim=8),
+    "ElectraBackbone": dict(
+        vocab_size=64, num_layers=1, num_heads=2, hidden_dim=16, embedding_dim=16,
+        intermediate_dim=32, max_sequence_length=16),
+    "WhisperBackbone": dict(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        num_mels=8, max_encoder_sequence_length=16, max_decoder_sequence_length=16),
+    "ViTBackbone": dict(
+        image_shape=(16, 16, 3), patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32),
+    "DINOV2Backbone": dict(
+        patch_size=4, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        image_shape=(16, 16, 3), position_embedding_shape=(16, 16)),
+    "DINOV3Backbone": dict(
+        patch_size=4, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        image_shape=(16, 16, 3)),
+    "SigLIPBackbone": dict(
+        vision_encoder=("SigLIPVisionEncoder", dict(
+            patch_size=4, hidden_dim=16, num_layers=1, num_heads=2, intermediate_dim=32,
+            image_shape=(16, 16, 3))),
+        text_encoder=("SigLIPTextEncoder", dict(
+            vocabulary_size=64, embedding_dim=16, hidden_dim=16, num_layers=1, num_heads=2,
+            intermediate_dim=32, max_sequence_length=8))),
+}
+HEAD = " + head"
+
 APPLICATIONS = {
     "MobileNetV2": dict(alpha=0.35),
     "ResNet50": {},
@@ -77,6 +110,27 @@ def keras_hub_model(name):
     if name == backbone_name:
         return backbone
     return getattr(keras_hub.models, name)(backbone=backbone, preprocessor=None)
+
+
+def backbone(name):
+    """A backbone alone, or `<name> + head`: the same backbone under a
+    classifier head on its floating-point outputs, averaged over positions."""
+    import keras_hub
+
+    config = dict(BACKBONES[name.removesuffix(HEAD)])
+    for key, value in config.items():
+        if isinstance(value, tuple) and isinstance(value[0], str):  # an encoder: (class, config)
+            config[key] = getattr(keras_hub.models, value[0])(**value[1])
+    model = getattr(keras_hub.models, name.removesuffix(HEAD))(**config)
+    if not name.endswith(HEAD):
+        return model
+    features = [
+        keras.layers.GlobalAveragePooling1D()(t) if len(t.shape) == 3 else t
+        for t in keras.tree.flatten(model.outputs)
+        if keras.backend.is_float_dtype(t.dtype) and t.shape[-1] is not None
+    ]
+    pooled = features[0] if len(features) == 1 else keras.layers.Concatenate()(features)
+    return keras.Model(model.inputs, keras.layers.Dense(3, name="classifier")(pooled))
 
 
 def application(name):
@@ -98,7 +152,12 @@ def routes_of(model):
 def survey(names):
     results = {}
     for name in names:
-        build = keras_hub_model if name in KERAS_HUB else application
+        if name in KERAS_HUB:
+            build = keras_hub_model
+        elif name.removesuffix(HEAD) in BACKBONES:
+            build = backbone
+        else:
+            build = application
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -139,7 +198,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--save", help="write the routes to this JSON file")
     parser.add_argument("--compare", help="a JSON file written by --save")
-    parser.add_argument("--models", nargs="*", default=[*KERAS_HUB, *APPLICATIONS])
+    backbones = [name + suffix for name in BACKBONES for suffix in ("", HEAD)]
+    backbones.remove("SigLIPBackbone" + HEAD)
+    parser.add_argument("--models", nargs="*", default=[*KERAS_HUB, *backbones, *APPLICATIONS])
     args = parser.parse_args(argv)
     # Through JSON, as a saved run is read back (tuples become lists).
     results = json.loads(json.dumps(survey(args.models)))
@@ -148,6 +209,16 @@ def main(argv=None):
     print("|" + "---|" * len(header))
     for name, rows in results.items():
         print("| " + " | ".join(str(cell) for cell in summary_row(name, rows)) + " |")
+    alone_and_under_a_head = [n for n in results if n.endswith(HEAD) and n.removesuffix(HEAD) in results]
+    if alone_and_under_a_head:
+        print("\nBackbones alone: routes that differ from the same backbone under a head")
+        for name in alone_and_under_a_head:
+            under_head = {row[0]: row for row in results[name]}
+            alone = results[name.removesuffix(HEAD)]
+            differ = [row for row in alone if row[1] != under_head[row[0]][1]]
+            print(f"{name.removesuffix(HEAD)}: {len(differ)}")
+            for row in differ:
+                print(f"  {row[0]}: {row[1]} alone ({row[4]}), {under_head[row[0]][1]} under a head")
     if args.save:
         with open(args.save, "w") as f:
             json.dump(results, f)

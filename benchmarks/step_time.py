@@ -66,12 +66,19 @@ def main(argv=None):
     parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)")
     parser.add_argument("--steps", type=positive_int, default=4, help="train steps per timed round (default 4)")
     parser.add_argument(
-        "--ns-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-        help="keras_muon's Newton–Schulz dtype, its ns_dtype (default float32)",
+        # keras_muon's DTYPES, not imported: keras waits for the backend chosen here.
+        "--ns-dtype", choices=("float32", "tf32", "bfloat16", "float16"), default="float32",
+        help="keras_muon's Newton–Schulz precision, its ns_dtype (default float32)",
     )
-    parser.add_argument(
+    jit = parser.add_mutually_exclusive_group()
+    jit.add_argument(
         "--jit-compile", action="store_true",
         help="compile the train step with jit_compile=True (on torch: torch.compile)",
+    )
+    jit.add_argument(
+        "--no-jit-compile", action="store_true",
+        help="jit_compile=False (TensorFlow's tf.function without XLA, which Keras's "
+        "default picks on CPUs only)",
     )
     parser.add_argument(
         "--optimizers", nargs="+", metavar="NAME", default=None,
@@ -132,7 +139,7 @@ def measure_backend(args):
             f"depth {args.depth}, batch {args.batch_size}×{args.sequence_length} "
             f"tokens, {args.rounds} rounds of {args.steps} train steps, "
             f"keras_muon Newton–Schulz in {args.ns_dtype}"
-            + (", jit_compile=True" if args.jit_compile else "")
+            + (", jit_compile=True" if args.jit_compile else ", jit_compile=False" if args.no_jit_compile else "")
         ),
         "widths": {},
     }
@@ -154,7 +161,7 @@ def measure_backend(args):
         for name in names:
             model = build()
             optimizer = make_optimizer(name, model, args.ns_dtype)
-            jit_compile = True if args.jit_compile else "auto"
+            jit_compile = True if args.jit_compile else False if args.no_jit_compile else "auto"
             model.compile(optimizer=optimizer, jit_compile=jit_compile, **char_transformer.LOSS)
             batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
 
@@ -321,12 +328,13 @@ def block_groups(optimizer):
 def ns_throughput(model, rounds, ns_dtype):
     """keras_muon's Newton–Schulz on its block groups of `model`, and the
     same matrix products alone (the limit), each compiled as `fit` does."""
-    import keras
     import numpy as np
     from keras import ops
 
     import keras_muon
     from keras_muon.update.newton_schulz import coefficient_schedule
+    from keras_muon.update.newton_schulz import iterate_dtype
+    from keras_muon.update.newton_schulz import matmul
     from keras_muon.update.newton_schulz import newton_schulz
     from keras_muon.update.newton_schulz import newton_schulz_flops
     from keras_muon.update.newton_schulz import newton_schulz_matmuls
@@ -347,9 +355,9 @@ def ns_throughput(model, rounds, ns_dtype):
             # rows keep every product bounded: x·xᵀ·x = x and s·s is
             # orthogonal for orthogonal s.
             for _ in range(wide // 2):
-                x = ops.matmul(ops.matmul(x, ops.swapaxes(x, -1, -2)), x)
+                x = matmul(matmul(x, ops.swapaxes(x, -1, -2), ns_dtype), x, ns_dtype)
             for _ in range(square):
-                s = ops.matmul(s, s)
+                s = matmul(s, s, ns_dtype)
             return x, s
 
         # Random blocks for Newton–Schulz: orthonormal ones would drive
@@ -360,7 +368,7 @@ def ns_throughput(model, rounds, ns_dtype):
         s = np.linalg.qr(rng.standard_normal((blocks, r, r)))[0]
         # Momentums are float32; the iteration casts them to `ns_dtype`.
         x = ops.convert_to_tensor(x.astype("float32"))
-        rows, s = (ops.convert_to_tensor(v.astype("float32"), ns_dtype) for v in (rows, s))
+        rows, s = (ops.convert_to_tensor(v.astype("float32"), iterate_dtype(ns_dtype)) for v in (rows, s))
         calls = {
             "newton_schulz": synced(compiled(lambda x: newton_schulz(x, schedule, ns_dtype)), x),
             "products": synced(compiled(products), rows, s),

@@ -12,14 +12,19 @@ default learning rate, as a user who does not tune would run it
 
 Prints how keras_muon routes each variable, Keras's progress bar per
 evaluation interval, and a table of validation loss and wall time;
-writes the curves to <output>/char_transformer.png and .json.
+writes the curves to <output>/char_transformer.png and .json. With
+`--monitor N`, each run has a `keras_muon.MuonMonitor` measuring every N
+steps, and its curves (update-to-weight ratio of the hidden matrices and
+of the rest, weight RMS, Newton–Schulz's singular values) go to
+<output>/char_transformer_monitor.png.
 
-    KERAS_BACKEND=jax python examples/char_transformer.py
+    KERAS_BACKEND=jax python examples/char_transformer.py [--monitor 10]
 """
 
 import keras
 
 import common
+import keras_muon
 
 VOCABULARY = 256  # bytes
 
@@ -78,20 +83,63 @@ LOSS = {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
 def main(argv=None):
     parser = common.argument_parser(__doc__, steps=300)
     common.add_text_model_flags(parser)
+    parser.add_argument(
+        "--monitor", type=common.positive_int, metavar="N",
+        help="measure each run with keras_muon.MuonMonitor every N steps and plot its curves",
+    )
     args = parser.parse_args(argv)
     weights, data = initial_weights(args), text_data(args)
+    monitors = {}
 
     def train_one(name, peak):
+        callbacks = []
+        if args.monitor:
+            monitors[name] = keras_muon.MuonMonitor(every=args.monitor, singular_values_every=args.monitor)
+            callbacks.append(monitors[name])
         return common.train(
             name, peak, model_builder(args), weights, data, args.steps,
-            args.batch_size, args.eval_every, LOSS,
+            args.batch_size, args.eval_every, LOSS, callbacks=callbacks,
         )
 
-    return common.compare(
+    rows = common.compare(
         args, "char_transformer",
         f"char transformer, {args.steps} steps of {args.batch_size}×{args.sequence_length} bytes",
         train_one, {"validation loss": "val_loss"}, ["val_loss", "loss"],
     )
+    if monitors:
+        print(f"plot: {plot_monitor(args.output, {n: m.history for n, m in monitors.items()})}")
+    return rows
+
+
+def plot_monitor(output, histories):
+    """Draws `MuonMonitor.history` of each run ({optimizer: history}) to
+    <output>/char_transformer_monitor.png, and returns its path."""
+    common.save_json(output, "char_transformer_monitor", histories)
+    pyplot = common.pyplot()
+    # panel title: {metric: label suffix}
+    panels = {
+        "hidden matrices (keras_muon's Muon route): ΔW RMS / W RMS": {"muon_update_ratio": ""},
+        "the rest (embeddings, head, biases, norms): ΔW RMS / W RMS": {"adamw_update_ratio": ""},
+        "hidden matrices: weight RMS": {"muon_weight_rms": ""},
+        "Newton–Schulz output: extreme singular values": {
+            "ns_min_singular_value": ", smallest", "ns_max_singular_value": ", largest",
+        },
+    }
+    figure, axes = pyplot.subplots(2, 2, figsize=(11, 7))
+    for axis, (title, metrics) in zip(axes.flat, panels.items()):
+        for name, history in histories.items():
+            for metric, suffix in metrics.items():
+                points = [(s, v) for s, v in zip(history["step"], history.get(metric, [])) if v is not None]
+                if points:
+                    axis.plot(*zip(*points), label=name + suffix)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("step")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = output / "char_transformer_monitor.png"
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return path
 
 
 if __name__ == "__main__":

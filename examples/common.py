@@ -31,6 +31,8 @@ OPTIMIZERS = {
     "keras_muon.AdaMuon sign_input=False": functools.partial(
         keras_muon.AdaMuon, sign_input=False
     ),
+    "keras_muon.Muon hyperball=True": functools.partial(keras_muon.Muon, hyperball=True),
+    "keras_muon.NorMuon hyperball=True": functools.partial(keras_muon.NorMuon, hyperball=True),
 }
 # The ones an example compares when no `--optimizer` is given.
 COMPARED = ("keras_muon.Muon", "keras.optimizers.AdamW", "keras.optimizers.Muon")
@@ -93,10 +95,12 @@ def evaluation_interval(steps, evaluations=12):
     return next(d for d in range(max(1, steps // evaluations), 0, -1) if steps % d == 0)
 
 
-def fit_curves(model, train, validation, steps, batch_size, eval_every, verbose="auto"):
+def fit_curves(model, train, validation, steps, batch_size, eval_every, verbose="auto", callbacks=()):
     """Trains `model` (already compiled) for `steps` batches of `train`, in
     order, and evaluates it on `validation` every `eval_every` steps (None:
-    `evaluation_interval(steps)`).
+    `evaluation_interval(steps)`). `train` and `validation` are `(x, y)`
+    arrays, batched by `batch_size` (256 for validation), or `tf.data`
+    pipelines of batches. `callbacks` go to `fit`.
 
     Returns a dict of lists: `step`, the validation metrics (`val_loss`, ...)
     at step 0 and after every `eval_every` steps, the mean training `loss`
@@ -107,19 +111,25 @@ def fit_curves(model, train, validation, steps, batch_size, eval_every, verbose=
         eval_every = evaluation_interval(steps)
     if steps % eval_every:
         raise ValueError(f"steps ({steps}) must be a multiple of eval_every ({eval_every}).")
-    initial = model.evaluate(*validation, batch_size=256, verbose=0, return_dict=True)
+    # Arrays `(x, y)`, batched here; or `tf.data` pipelines, batched already.
+    arrays = isinstance(train, tuple)
+    initial = model.evaluate(
+        *(validation if arrays else (validation,)), batch_size=256 if arrays else None,
+        verbose=0, return_dict=True,
+    )
     start = time.perf_counter()
     # Each Keras "epoch" is one evaluation interval; with steps_per_epoch
     # set, the next epoch continues from the next batch of `train`.
     history = model.fit(
-        *train,
-        batch_size=batch_size,
+        *(train if arrays else (train,)),
+        batch_size=batch_size if arrays else None,
         epochs=steps // eval_every,
         steps_per_epoch=eval_every,
         shuffle=False,
         validation_data=validation,
-        validation_batch_size=256,
+        validation_batch_size=256 if arrays else None,
         verbose=verbose,
+        callbacks=list(callbacks),
     ).history
     curves = {"step": list(range(0, steps + 1, eval_every)), "loss": [None] + history["loss"]}
     for metric, value in initial.items():
@@ -145,11 +155,11 @@ def compiled_model(name, peak, build_model, weights, steps, compile_args=None, o
 
 
 def train(name, peak, build_model, weights, data, steps, batch_size, eval_every=None,
-          compile_args=None, options=None, verbose="auto", show_routes=True):
+          compile_args=None, options=None, verbose="auto", show_routes=True, callbacks=()):
     """One run: `compiled_model(...)` trained on `data = (train,
     validation)` by `fit_curves`. Returns the curves."""
     model = compiled_model(name, peak, build_model, weights, steps, compile_args, options, show_routes)
-    return fit_curves(model, *data, steps, batch_size, eval_every, verbose)
+    return fit_curves(model, *data, steps, batch_size, eval_every, verbose, callbacks)
 
 
 def compare(args, stem, title, train_one, columns, plot_metrics):

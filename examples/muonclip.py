@@ -25,10 +25,10 @@ RECORD_ONLY = 1e30  # a threshold no logit reaches: records, never clips
 
 
 class StepRecorder(keras.callbacks.Callback):
-    """Each step's largest logit (before the clip) and training loss."""
+    """Each step's training loss."""
 
     def on_train_begin(self, logs=None):
-        self.curves = {"step": [], "max_logit": [], "loss": []}
+        self.curves = {"step": [], "loss": []}
         self._mean = None
 
     def on_train_batch_end(self, batch, logs=None):
@@ -38,7 +38,6 @@ class StepRecorder(keras.callbacks.Callback):
         loss = mean if self._mean is None else step * mean - (step - 1) * self._mean
         self._mean = mean
         self.curves["step"].append(step)
-        self.curves["max_logit"].append(logs["max_logit"])
         self.curves["loss"].append(loss)
 
 
@@ -48,12 +47,13 @@ def train(args, weights, data, threshold, reference):
     model.set_weights(weights)
     optimizer = keras_muon.Muon(learning_rate=args.learning_rate, qk_clip_threshold=threshold)
     model.compile(optimizer=optimizer, **LOSS)
-    recorder = StepRecorder()
+    recorder, monitor = StepRecorder(), keras_muon.QKClipMonitor()
     history = model.fit(
         x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0,
-        callbacks=[keras_muon.QKClipMonitor(), recorder],
+        callbacks=[monitor, recorder],
     )
     curves = recorder.curves
+    curves["max_logit"] = monitor.history["max_logit"]  # of every step
     tail = curves["max_logit"][-max(1, len(curves["max_logit"]) // 10):]
     row = {
         "largest logit": max(curves["max_logit"]),

@@ -3,7 +3,8 @@
 from keras_muon.adamuon import AdaMuon
 from keras_muon.muon import Muon
 from keras_muon.normuon import NorMuon
-from keras_muon.qk_clip.monitor import QKClipMonitor
+from keras_muon.monitor.callback import MuonMonitor
+from keras_muon.monitor.callback import QKClipMonitor
 from keras_muon.qk_clip.rules import AttentionSpec
 from keras_muon.qk_clip.rules import register_attention_rule
 from keras_muon.routing.keras_layers import register_layer_rule
@@ -21,6 +22,7 @@ __all__ = [
     "AttentionSpec",
     "MatrixView",
     "Muon",
+    "MuonMonitor",
     "NorMuon",
     "QKClipMonitor",
     "Route",

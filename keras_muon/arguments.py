@@ -8,6 +8,11 @@ import numbers
 import keras
 
 
+class Default(float):
+    """A default value of an argument, which remembers that the caller did
+    not give it (the weight decay that Hyperball replaces)."""
+
+
 def number(arg, value, minimum=None, below=None, above=None, maximum=None, optional=False):
     """`value` as a Python float, or a ValueError naming `arg` and the bounds."""
     if value is None and optional:
@@ -42,6 +47,13 @@ def optional_number(arg, value, **bounds):
     return number(arg, value, optional=True, **bounds)
 
 
+def positive_integer(arg, value):
+    """`value`, or a ValueError naming `arg` unless it is an integer >= 1."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{arg}` must be an integer >= 1. Received: {arg}={value!r}")
+    return int(value)
+
+
 def boolean(arg, value):
     if not isinstance(value, bool):
         raise ValueError(f"`{arg}` must be True or False. Received: {arg}={value!r}")
@@ -71,7 +83,8 @@ ARGUMENTS = {
     "momentum": "Float in [0, 1), the momentum of Muon. Defaults to `0.95`.",
     "nesterov": "Boolean, whether Muon uses Nesterov momentum. Defaults to `True`.",
     "weight_decay": """Float >= 0, decoupled weight decay of Muon variables,
-    multiplied by the learning rate. Defaults to `0.1`.""",
+    multiplied by the learning rate. Defaults to `0.1`, none with
+    `hyperball=True`.""",
     "scale": """How the orthogonalized update is scaled per `(d_in, d_out)`
     block: `"moonlight"` (`rms_rate·sqrt(max(d_in, d_out))`, AdamW-like
     update size), `"jordan"` (`sqrt(max(1, d_out/d_in))`), `"mup"`
@@ -84,9 +97,11 @@ ARGUMENTS = {
     "ns_coefficients": """The `(a, b, c)` of each Newton–Schulz step:
     `"polar_express"`, `"jordan"`, `"you"`, or a sequence of triples (the
     last one repeats up to `ns_steps`). Defaults to `"polar_express"`.""",
-    "ns_dtype": """Dtype of the Newton–Schulz iteration: `None` (float32),
-    `"bfloat16"` (for accelerators) or `"float16"`. Normalization is always
-    float32.""",
+    "ns_dtype": """Precision of the Newton–Schulz iteration, the same on
+    every backend: `None` or `"float32"` (true float32 products, also on
+    GPUs and TPUs), `"tf32"` (TF32 products on NVIDIA GPUs from Ampere on),
+    `"bfloat16"` (fastest on accelerators) or `"float16"`. Normalization is
+    always float32; see docs/speed.md.""",
     "per_head": """Boolean. If `True`, attention projections (`EinsumDense`
     kernels with a `(heads, head_dim)` side) are orthogonalized head by
     head. Defaults to `False`.""",
@@ -115,6 +130,16 @@ ARGUMENTS = {
     blocks and the devices all-gather the results; on torch every process
     must train a copy of the same model. `False`: every device
     orthogonalizes every block. Defaults to `True`.""",
+    "lora": """`"muon"` or `"adamw"`: where the LoRA factors of `Dense` and
+    `EinsumDense` kernels (`enable_lora`) go. On Muon each factor is a
+    matrix of its own, `(d_in, r)` and `(r, d_out)`, scaled as any block
+    (`scale`). Defaults to `"muon"` (docs/lora.md).""",
+    "hyperball": """Boolean. If `True`, each Muon block `W_b` stays on the
+    sphere of its Frobenius norm when the optimizer is built, `R_b`:
+    `W_b ← R_b·normalize(W_b − lr·R_b·normalize(U_b))`, `U_b` the block's
+    update (Wen et al., 2026), in place of weight decay. The learning rate
+    is then the relative size of a step on the sphere. LoRA factors keep
+    the plain update. Defaults to `False` (docs/variants.md).""",
     "name": "String, the name of the optimizer and prefix of its variables.",
     "**kwargs": """Arguments of every Keras optimizer: `clipnorm`,
     `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,

@@ -9,7 +9,9 @@ variant's state), so the optimizer's store holds two more entries:
 
 - `"routes"`: int8, one per trainable variable in order, 1 for Muon and 0
   for AdamW;
-- `"class"`: int32, the code points of the optimizer's class name.
+- `"class"`: int32, the code points of the optimizer's class name, with
+  `(hyperball=True)` after it for an optimizer that keeps Hyperball's
+  radii.
 
 On load, state saved by another class or with other routes is refused,
 with an error that says what differs, instead of putting moments into the
@@ -68,4 +70,6 @@ def _flags(optimizer):
 
 
 def _class_name(optimizer):
-    return type(optimizer).__name__
+    """The name of the layout of `optimizer`'s state."""
+    name = type(optimizer).__name__
+    return f"{name}(hyperball=True)" if optimizer.hyperball else name

@@ -1,12 +1,12 @@
 import functools
 import numbers
-import weakref
 
 import keras
 from keras import ops
 
 from keras_muon import checkpoint
 from keras_muon import report
+from keras_muon.arguments import Default
 from keras_muon.arguments import boolean
 from keras_muon.arguments import document
 from keras_muon.arguments import number
@@ -22,6 +22,7 @@ from keras_muon.update.newton_schulz import coefficient_schedule
 from keras_muon.update.state import Entry
 from keras_muon.update.state import VariableState
 from keras_muon.update.state import add_moment
+from keras_muon.update.state import add_radius
 
 
 def _torch_twin(phase):
@@ -73,9 +74,8 @@ class Muon(keras.optimizers.Optimizer):
       the directions `N` stacked as wide blocks (AdaMuon: `sign(N)`);
     - `_normalized(entry, blocks)`: the step after msign, on a variable's
       blocks `O` `(num_blocks, d_in, d_out)`; its state is `entry.state`.
-    The phases of `_update` are what the backends call (torch's
-    multi-tensor twins, tf.distribute); a subclass that overrides a phase
-    changes the algorithm, and that phase's torch twin gives way to it.
+    Overriding a phase of `_update` changes the algorithm on every backend
+    (docs/architecture.md).
 
     Args:
         {{muon_arguments}}
@@ -86,6 +86,7 @@ class Muon(keras.optimizers.Optimizer):
         - [Amsel et al., 2025](https://arxiv.org/abs/2505.16932) (Polar Express)
         - [Chen et al., 2025](https://arxiv.org/abs/2510.12402) (cautious weight decay)
         - [Kimi Team, 2025](https://arxiv.org/abs/2507.20534) (QK-Clip)
+        - [Wen et al., 2026](https://arxiv.org/abs/2606.16899) (Hyperball)
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class Muon(keras.optimizers.Optimizer):
         learning_rate=0.003,
         momentum=0.95,
         nesterov=True,
-        weight_decay=0.1,
+        weight_decay=Default(0.1),
         scale="moonlight",
         rms_rate=rule.DEFAULT_RMS_RATE,
         ns_steps=5,
@@ -110,12 +111,14 @@ class Muon(keras.optimizers.Optimizer):
         qk_clip_threshold=None,
         qk_clip_alpha=0.5,
         split_newton_schulz=True,
+        lora="muon",
+        hyperball=False,
         name=None,
         **kwargs,
     ):
         if isinstance(learning_rate, numbers.Real):
             learning_rate = number("learning_rate", learning_rate, minimum=0.0)
-        weight_decay = optional_number("weight_decay", weight_decay, minimum=0.0)
+        weight_decay, hyperball = rule.checked_weight_decay(weight_decay, hyperball)
         super().__init__(learning_rate, weight_decay=weight_decay, name=name, **kwargs)
         self.momentum = number("momentum", momentum, minimum=0.0, below=1.0)
         self.nesterov = boolean("nesterov", nesterov)
@@ -140,21 +143,14 @@ class Muon(keras.optimizers.Optimizer):
         self.qk_clip_alpha = number("qk_clip_alpha", qk_clip_alpha, minimum=0.0, maximum=1.0)
         self._qk_clip = QKClip.for_optimizer(self)  # None without a threshold
         self.split_newton_schulz = boolean("split_newton_schulz", split_newton_schulz)
+        self.lora = route.checked_lora(lora)
+        self.hyperball = hyperball
         self._attached_model = None
 
     def attach(self, model):
         """Names the `keras.Model` whose variables this optimizer will train,
         in a custom training loop, before it is built. `fit` finds it."""
-        if not isinstance(model, keras.Layer):
-            raise ValueError(
-                f"`attach` expects a keras.Model or keras.Layer. Received: {model!r}"
-            )
-        if self.built:
-            raise ValueError(
-                "`attach` must be called before the optimizer is built: "
-                "routing is decided at build time. Create a new optimizer."
-            )
-        self._attached_model = weakref.ref(model)
+        self._attached_model = route.attached(self, model)
 
     def build(self, var_list):
         if self.built:
@@ -166,7 +162,9 @@ class Muon(keras.optimizers.Optimizer):
         if self._qk_clip is not None:
             var_list = self._qk_clip.install(model, var_list)
         super().build(var_list)
-        routes = route.route_variables(var_list, model, self.per_head, self._exclude_patterns)
+        routes = route.route_variables(
+            var_list, model, self.per_head, self._exclude_patterns, self.lora
+        )
         self._states = [self._add_state(v, r) for v, r in zip(var_list, routes)]
         if self._qk_clip is not None:
             self._qk_clip.build(self)
@@ -181,8 +179,9 @@ class Muon(keras.optimizers.Optimizer):
         if route.view is None:
             velocity = add_moment(self, variable, "velocity")
             return VariableState(route, momentum, velocity, decays=decays)
-        state = self._add_variant_state(variable, route.view)
-        return VariableState(route, momentum, None, state, self._block_scale(route.view), decays)
+        state, scale = self._add_variant_state(variable, route.view), self._block_scale(route.view)
+        radius = add_radius(self, variable, route.view) if self.hyperball else None
+        return VariableState(route, momentum, None, state, scale, decays, radius)
 
     # The variant hooks (see the class docstring): Muon's do nothing.
 
@@ -210,15 +209,12 @@ class Muon(keras.optimizers.Optimizer):
         return super().apply(grads, trainable_variables)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        strategy = distributed.tf_strategy()
-        if strategy is None:
-            self._update(grads, trainable_variables, learning_rate)
-        elif distributed.is_mirrored(strategy):
-            from keras_muon.backends import tf_mirrored
+        if distributed.tf_strategy() is None:
+            return self._update(grads, trainable_variables, learning_rate)
+        from keras_muon.backends import tf_distribute  # imports TensorFlow
 
-            tf_mirrored.update(self, grads, trainable_variables, learning_rate)
-        else:  # each variable updated where it lives, by `update_step`
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        each = super()._backend_update_step  # `update_step` per variable
+        tf_distribute.update(self, grads, trainable_variables, learning_rate, each)
 
     def update_step(self, gradient, variable, learning_rate):
         # One variable at a time; QK-Clip refuses the strategies that do it.
@@ -229,7 +225,7 @@ class Muon(keras.optimizers.Optimizer):
         adamw, muon = self._entries_by_route(grads, variables)
         self._adamw_update(adamw, learning_rate)
         batches = self._momentum_update(muon)  # M ← β·M + G; N, by block shape
-        orthogonal = [self._orthogonalize(batch.blocks) for batch in batches]  # O = msign(N)
+        orthogonal = [self._orthogonalize(batch) for batch in batches]  # O = msign(N)
         self._muon_update(batches, orthogonal, learning_rate)  # W ← W − lr·(s·O + λ·W)
         self._clip_attention()  # QK-Clip, if on
 
@@ -270,12 +266,12 @@ class Muon(keras.optimizers.Optimizer):
             )
             self.assign(state.momentum, momentum)
             directions.append(state.route.view.to_wide_blocks(direction))
-        return batching.stack_by_shape(entries, directions)
+        return batching.stack_by_shape(entries, directions, distributed.placements(entries))
 
-    def _orthogonalize(self, blocks):
+    def _orthogonalize(self, batch):
         """`O = msign(X)`, `X` the variant's input from `N`, among replicas."""
-        x, split = self._orthogonalization_input(blocks), self.split_newton_schulz
-        return distributed.orthogonalize(x, self._ns_schedule, self.ns_dtype, split)
+        x, split = self._orthogonalization_input(batch.blocks), self.split_newton_schulz
+        return distributed.orthogonalize(x, self._ns_schedule, self.ns_dtype, split, batch.placement)
 
     @_torch_twin
     def _muon_update(self, batches, orthogonal, learning_rate):
@@ -285,11 +281,15 @@ class Muon(keras.optimizers.Optimizer):
                 variable, _, state = entry
                 dtype = state.momentum.dtype
                 lr = ops.cast(learning_rate, dtype)
-                blocks = ops.cast(self._normalized(entry, blocks), dtype)
-                update = state.route.view.from_blocks(blocks)
+                view, blocks = state.route.view, ops.cast(self._normalized(entry, blocks), dtype)
                 weights = ops.cast(variable, dtype)
-                weights = self._decayed(state, weights, update, lr, self.weight_decay)
-                new_value = rule.descended(weights, update, lr * state.scale)
+                if state.radius is not None:  # normalized: the scale `s` drops out
+                    blocks = rule.hyperball(view.to_blocks(weights), blocks, state.radius, lr)
+                    new_value = view.from_blocks(blocks)
+                else:
+                    update = view.from_blocks(blocks)
+                    weights = self._decayed(state, weights, update, lr, self.weight_decay)
+                    new_value = rule.descended(weights, update, lr * state.scale)
                 self.assign(variable, ops.cast(new_value, variable.dtype))
 
     def _clip_attention(self):
@@ -346,7 +346,7 @@ _CONFIG = (
     "momentum", "nesterov", "scale", "rms_rate", "ns_steps", "ns_coefficients", "ns_dtype",
     "per_head", "exclude_layers", "adam_beta_1", "adam_beta_2", "epsilon", "adam_weight_decay",
     "adam_lr_ratio", "cautious_weight_decay", "qk_clip_threshold", "qk_clip_alpha",
-    "split_newton_schulz",
+    "split_newton_schulz", "lora", "hyperball",
 )
 
 

@@ -5,6 +5,7 @@ from keras_muon.muon import Muon
 from keras_muon.muon import document
 from keras_muon.update import rule
 from keras_muon.update.state import add_float32_state
+from keras_muon.update.state import block_state_layout
 
 
 @keras.saving.register_keras_serializable(package="keras_muon")
@@ -46,7 +47,8 @@ class NorMuon(Muon):
 
     def _add_variant_state(self, variable, view):
         shape = rule.neuron_state_shape(view.num_blocks, view.d_in, view.d_out, self.neuron_axis)
-        return add_float32_state(self, variable, "neuron_second_moment", shape)
+        layout = block_state_layout(variable, view, shape)  # sharded as the variable's blocks
+        return add_float32_state(self, variable, "neuron_second_moment", shape, layout)
 
     def _normalized(self, entry, blocks):
         second_moment = entry.state.variant_state

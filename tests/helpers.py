@@ -106,7 +106,7 @@ FAMILY_LEARNING_RATE = 0.02
 
 
 def family_reference(initial, gradients, *, rule, nesterov=True, weight_decay=0.1,
-                     neuron_axis="longer", cautious=False, **options):
+                     neuron_axis="longer", cautious=False, hyperball=False, **options):
     """The reference on 2-D kernels read as (d_in, d_out) = shape."""
     finals = []
     for i, w in enumerate(initial):
@@ -117,29 +117,31 @@ def family_reference(initial, gradients, *, rule, nesterov=True, weight_decay=0.
             state = np.zeros((1, *reference.normuon_second_moment_shape(d_in, d_out, neuron_axis)))
         else:
             state = np.zeros_like(w)
+        radius = np.linalg.norm(w, axis=(-2, -1)) if hyperball else None
         for step in gradients:
             w, m, state = reference.muon_family_step(
                 w, m, state, step[i].astype(np.float64)[None], rule=rule, lr=FAMILY_LEARNING_RATE,
                 momentum=0.95, nesterov=nesterov, weight_decay=weight_decay, schedule=FAMILY_SCHEDULE,
-                scale=reference.scale("moonlight", d_in, d_out), cautious=cautious, **options,
+                scale=reference.scale("moonlight", d_in, d_out), cautious=cautious, radius=radius,
+                **options,
             )
         finals.append(w[0])
     return finals
 
 
-def check_family_member(optimizer_type, arguments, reference_arguments, nesterov, steps, cautious):
+def check_family_member(optimizer_type, arguments, reference_arguments, nesterov, steps,
+                        cautious=False, hyperball=False):
     """`optimizer_type(**arguments)` against `family_reference(**reference_arguments)`
-    on both orientations, with or without Nesterov momentum and cautious
-    weight decay, over `steps` steps."""
+    on both orientations, with or without Nesterov momentum, cautious
+    weight decay or Hyperball, over `steps` steps."""
     arguments = dict(arguments, cautious_weight_decay=cautious)
-    reference_arguments = dict(reference_arguments, cautious=cautious)
+    arguments.update({"hyperball": True} if hyperball else {"weight_decay": 0.1})
+    reference_arguments = dict(reference_arguments, cautious=cautious, hyperball=hyperball)
     # Weights of the size of their update, so that the cautious mask has
     # entries of both signs.
     initial = random_arrays(SHAPES.values(), seed=steps, scale=0.05)
     gradients = [random_arrays(SHAPES.values(), seed=10 + t) for t in range(steps)]
-    optimizer = optimizer_type(
-        learning_rate=FAMILY_LEARNING_RATE, nesterov=nesterov, weight_decay=0.1, **arguments
-    )
+    optimizer = optimizer_type(learning_rate=FAMILY_LEARNING_RATE, nesterov=nesterov, **arguments)
     got = run(optimizer, initial, gradients)
     expected = family_reference(initial, gradients, nesterov=nesterov, **reference_arguments)
     for g, e, shape in zip(got, expected, SHAPES):

@@ -76,14 +76,23 @@ def _where_positive(x, f):
     return np.where(x > 0, f(safe), 0.0)
 
 
+def hyperball_step(w, update, radius, lr):
+    """Hyperball on blocks `w` (..., d_in, d_out) with radii `radius` (...):
+    the step `lr·R` along the normalized update, back onto the sphere."""
+    radius = np.asarray(radius, np.float64)[..., None, None]
+    moved = w - lr * radius * update / np.linalg.norm(update, axis=(-2, -1), keepdims=True)
+    return radius * moved / np.linalg.norm(moved, axis=(-2, -1), keepdims=True)
+
+
 def muon_family_step(w, m, state, g, *, rule, lr, momentum, nesterov, weight_decay,
                      schedule, scale=1.0, beta_2=0.95, sign_input=True, rms_rate=0.2,
-                     cautious=False):
+                     cautious=False, radius=None):
     """One step of Muon (`rule="muon"`), NorMuon (`"normuon"`) or AdaMuon
     (`"adamuon"`) on blocks `w` (..., d_in, d_out); returns (w, m, state).
 
     NorMuon's `state` is `(..., 1, d_out)` or `(..., d_in, 1)`: its second
     moment is averaged over the axis of size 1. AdaMuon's is `w`'s shape.
+    With Hyperball's `radius` (one per block), no weight decay.
     """
     m = momentum * m + g
     direction = momentum * m + g if nesterov else m
@@ -102,6 +111,8 @@ def muon_family_step(w, m, state, g, *, rule, lr, momentum, nesterov, weight_dec
         o = o * _where_positive(np.linalg.norm(o, axis=(-2, -1), keepdims=True), lambda n: 1 / n)
         scale = rms_rate * np.sqrt(w.shape[-2] * w.shape[-1])
     update = scale * o
+    if radius is not None:
+        return hyperball_step(w, update, radius, lr), m, state
     return decay(w, update, lr * weight_decay, cautious) - lr * update, m, state
 
 

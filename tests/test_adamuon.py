@@ -36,6 +36,12 @@ def test_adamuon_matches_the_reference(variant, nesterov, steps, cautious):
     check_family_member(*VARIANTS[variant], nesterov, steps, cautious)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("steps", [1, 4])
+def test_adamuon_with_hyperball_matches_the_reference(variant, steps):
+    check_family_member(*VARIANTS[variant], nesterov=True, steps=steps, hyperball=True)
+
+
 @pytest.mark.parametrize("rms_rate", [0.2, 0.05])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (7, 7)])
 def test_adamuon_update_rms_is_rms_rate(rms_rate, shape):

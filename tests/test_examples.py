@@ -1,6 +1,7 @@
 """Smoke tests of the examples and the benchmarks: a few steps at tiny sizes
 on the current backend, end to end, including the plot."""
 
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,8 @@ import keras
 import numpy as np
 import pytest
 
+import keras_muon
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -22,6 +25,8 @@ import char_transformer  # noqa: E402
 import common  # noqa: E402
 import digits_convnet  # noqa: E402
 import keras_hub_gpt2  # noqa: E402
+import lora_finetune  # noqa: E402
+import monitor_cost  # noqa: E402
 import msign_accuracy  # noqa: E402
 import muonclip  # noqa: E402
 import quality  # noqa: E402
@@ -52,6 +57,72 @@ def test_char_transformer(tmp_path):
     for curves in runs.values():
         assert curves["step"] == [0, 2, 4]
         assert len(curves["val_loss"]) == 3 and curves["loss"][0] is None
+
+
+
+def test_char_transformer_draws_the_monitors_curves(tmp_path):
+    char_transformer.main([*TINY_TRANSFORMER, "--monitor", "2", "--output", str(tmp_path)])
+    assert (tmp_path / "char_transformer_monitor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    histories = json.loads((tmp_path / "char_transformer_monitor.json").read_text())
+    assert list(histories) == OPTIMIZERS
+    for name, history in histories.items():
+        assert history["step"] == [2, 4], name
+        assert all(v > 0 for v in history["muon_update_ratio"] + history["adamw_update_ratio"]), name
+    # Newton–Schulz's singular values exist for keras_muon's optimizer only.
+    muon = histories["keras_muon.Muon"]
+    assert all(0 < low <= high for low, high in zip(muon["ns_min_singular_value"], muon["ns_max_singular_value"]))
+    assert "ns_min_singular_value" not in histories["keras.optimizers.AdamW"]
+
+
+def test_monitor_cost_benchmark(capsys):
+    times = monitor_cost.main(
+        ["--steps", "2", "--rounds", "1", "--width", "16", "--depth", "1", "--heads", "2", "--batch-size", "2"]
+    )
+    assert list(times) == list(monitor_cost.SETTINGS)
+    assert all(len(t) == 1 and t[0] > 0 for t in times.values())
+    assert "MuonMonitor(every=10)" in capsys.readouterr().out
+
+
+TINY_FINE_TUNING = [
+    "--steps", "4", "--pretrain-steps", "2", "--eval-every", "2", "--width", "16",
+    "--depth", "1", "--heads", "2", "--batch-size", "2", "--sequence-length", "8",
+    "--validation-size", "4", "--rank", "2", "--learning-rates", "1",
+]
+
+
+def test_lora_finetune(tmp_path):
+    rows = lora_finetune.main([*TINY_FINE_TUNING, "--output", str(tmp_path)])
+    assert [row["way"] for row in rows] == list(lora_finetune.WAYS)
+    for row in rows:
+        assert math.isfinite(row["validation loss"]) and math.isfinite(row["pretraining text loss"])
+    # LoRA trains the adapters and the adapted layers' biases only.
+    full, lora = rows[0]["trained parameters"], rows[2]["trained parameters"]
+    assert rows[1]["trained parameters"] == full and rows[3]["trained parameters"] == lora < full / 4
+    assert (tmp_path / "lora_finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="once: routing is the same everywhere")
+def test_lora_finetune_of_a_keras_hub_model(tmp_path):
+    ways = ["--ways", "LoRA + AdamW", "LoRA + Muon"]
+    rows = lora_finetune.main([*TINY_FINE_TUNING, *ways, "--keras-hub", "--output", str(tmp_path)])
+    # backbone.enable_lora: the query and value projections (16, 2 heads,
+    # 8) of the one layer, each with A (16, 2, 2), B (2, 8) and its bias.
+    assert [row["trained parameters"] for row in rows] == [2 * (16 * 2 * 2 + 2 * 8 + 2 * 8)] * 2
+    assert all(math.isfinite(row["validation loss"]) for row in rows)
+
+
+def test_lora_finetune_routes_the_adapters_as_asked():
+    # Six adapted projections (query, key, value, output, up, down) of two
+    # factors each, on the route `lora` names.
+    args = argparse.Namespace(keras_hub=False, width=16, depth=1, heads=2, sequence_length=8, rank=2)
+    model, enable_lora = lora_finetune.build(args)
+    enable_lora()
+    for lora in ("muon", "adamw"):
+        optimizer = keras_muon.Muon(lora=lora)
+        optimizer.attach(model)
+        optimizer.build(model.trainable_variables)
+        factors = [row for row in optimizer.routing_table() if "lora_kernel" in row["path"]]
+        assert len(factors) == 12 and {row["route"] for row in factors} == {lora}
 
 
 def test_examples_run_the_optimizers_named_by_the_optimizer_flag(tmp_path):
@@ -98,8 +169,14 @@ def test_keras_hub_gpt2(tmp_path, capsys):
     assert "self_attention/query/kernel" in table
 
 
+# The benchmarks' bookkeeping is the same on every backend, and
+# test_char_transformer trains the model on each: once is enough.
+ONE_BACKEND = pytest.mark.skipif(keras.backend.backend() != "jax", reason="backend-independent; runs on JAX")
+
+
+@ONE_BACKEND
 def test_quality_benchmark(tmp_path, capsys):
-    names = [*OPTIMIZERS, "keras_muon.NorMuon"]
+    names = ["keras_muon.Muon", "keras.optimizers.AdamW", "keras_muon.NorMuon"]
     summary = quality.main(
         [*TINY_TRANSFORMER, "--learning-rates", "1e-3", "1e-2", "--optimizers", *names,
          "--output", str(tmp_path)]
@@ -108,12 +185,13 @@ def test_quality_benchmark(tmp_path, capsys):
     adamw = summary[1]
     assert adamw["fraction of AdamW's steps"] == 1.0
     runs = json.loads((tmp_path / "quality.json").read_text())["runs"]
-    assert len(runs) == 8
+    assert len(runs) == 6
     assert {run["learning_rate"] for run in runs} == {1e-3, 1e-2}
     assert (tmp_path / "quality.png").exists()
     assert "final validation loss per peak learning rate" in capsys.readouterr().out
 
 
+@ONE_BACKEND
 def test_quality_benchmark_passes_options_to_keras_muon(tmp_path, capsys):
     quality.main(
         [
@@ -217,20 +295,27 @@ def test_distributed_step_time_benchmark(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "distributed_step_time.py"),
          "--devices", "4", "--width", "64", "--depth", "1", "--batch-size", "4",
-         "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--output", str(tmp_path)],
+         "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--models", "transformer",
+         "--output", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = json.loads((tmp_path / "distributed_step_time.json").read_text())["rows"]
-    flops = {(row["placement"], row["optimizer"]): row["update flops per device"] for row in rows}
+    by_key = {(row["model"], row["placement"], row["optimizer"]): row for row in rows}
+    flops = {key: row["update flops per device"] for key, row in by_key.items()}
     one, split, unsplit = (
-        flops["one device", "keras_muon.Muon"],
-        flops["DataParallel, 4 devices", "keras_muon.Muon"],
-        flops["DataParallel, 4 devices", "keras_muon.Muon, unsplit"],
+        flops["char transformer", "one device", "keras_muon.Muon"],
+        flops["char transformer", "DataParallel, 4 devices", "keras_muon.Muon"],
+        flops["char transformer", "DataParallel, 4 devices", "keras_muon.Muon, unsplit"],
     )
     # 4 attention blocks of 64×64 and 2 feed-forward ones of 64×256 on 4
     # devices: the busiest orthogonalizes one of each, unsplit all of them.
     assert unsplit == one and split < 0.5 * one, flops
+    for key, row in by_key.items():
+        assert row["collectives"] == row["collectives, ns_steps 10"], key
+        assert row["update bytes per device"] > 0, key
+    assert by_key["char transformer", "one device", "keras_muon.Muon"]["collectives"] == {}
+    assert by_key["char transformer", "fully sharded, 4 devices", "keras_muon.Muon"]["collectives"]
 
 
 def test_step_time_benchmark_rejects_widths_without_whole_heads(tmp_path):
@@ -287,16 +372,18 @@ def test_distributed_jax(tmp_path):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution runs on JAX")
-def test_distributed_jax_rejects_sizes_that_do_not_split_over_the_devices(tmp_path):
-    completed = run_distributed_jax(tmp_path, "--model-axis", "3", "--steps", "1")
-    assert completed.returncode != 0
-    assert "--model-axis (3) must divide the number of devices (8)" in completed.stderr
-    completed = run_distributed_jax(tmp_path, "--batch-size", "12", "--steps", "1")
-    assert completed.returncode != 0
-    assert "--batch-size (12) must be a multiple of the number of devices (8)" in completed.stderr
-    completed = run_distributed_jax(tmp_path, "--model-axis", "4", "--heads", "2", "--steps", "1")
-    assert completed.returncode != 0
-    assert "--heads (2) must be a multiple of --model-axis (4)" in completed.stderr
+def test_distributed_jax_rejects_sizes_that_do_not_split_over_the_devices():
+    import distributed_jax
+
+    devices = ["device"] * 8
+    for flags, message in [
+        (["--model-axis", "3"], "--model-axis (3) must divide the number of devices (8)"),
+        (["--batch-size", "12"], "--batch-size (12) must be a multiple of the number of devices (8)"),
+        (["--model-axis", "4", "--heads", "2"], "--heads (2) must be a multiple of --model-axis (4)"),
+    ]:
+        args = distributed_jax.argument_parser().parse_args(flags)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            distributed_jax.distributions(args, devices)
 
 
 def test_routing_survey(tmp_path, capsys):
@@ -310,3 +397,67 @@ def test_routing_survey(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| MixtralCausalLM | 13 | 8 | 17 | 2 | 0 |" in out
     assert "MixtralCausalLM: 0\nMobileNetV2: 0" in out
+
+
+def test_routing_survey_of_a_backbone_alone(capsys):
+    # ViT trained alone: its last feed-forward projection writes into the
+    # residual stream, and goes to Muon as under a classifier head.
+    routes = routing_survey.main(["--models", "ViTBackbone", "ViTBackbone + head"])
+    alone = {row[0]: row for row in routes["ViTBackbone"]}
+    assert alone["vit_encoder/transformer_block_1/mlp/dense_2/kernel"][1] == "muon"
+    assert not any("output head" in row[4] for row in routes["ViTBackbone"])
+    assert "routes that differ from the same backbone under a head\nViTBackbone: 0" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="the scale benchmark runs on JAX (bfloat16 policy)"
+)
+def test_scale_quality_benchmark(tmp_path, monkeypatch, capsys):
+    import scale_quality  # a JAX-only benchmark, imported by its one test
+
+    # Three runs instead of ten: two learning rates of AdamW, one of Muon.
+    monkeypatch.setitem(scale_quality.GRIDS, scale_quality.ADAMW, (1e-3, 4e-3))
+    monkeypatch.setitem(scale_quality.GRIDS, scale_quality.MUON, (1.6e-2,))
+    names = [scale_quality.ADAMW, scale_quality.MUON]
+    summary = scale_quality.main(
+        ["--tiny", "--layers", "1", "--steps", "8", "--eval-every", "2", "--optimizers", *names,
+         "--output", str(tmp_path)]
+    )
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    out = capsys.readouterr().out
+    assert "final validation loss per peak learning rate" in out and "best run of each" in out
+    assert (tmp_path / "scale_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((tmp_path / "scale_quality.json").read_text())
+    runs, setting = result["runs"], result["setting"]
+    assert [(run["optimizer"], run["learning_rate"]) for run in runs] == [
+        (names[0], 1e-3), (names[0], 4e-3), (names[1], 1.6e-2)
+    ]
+    assert setting["parameters"] > 0 and setting["tokens per run"] == 8 * 8 * 64
+    for run in runs:
+        assert run["step"] == [0, 2, 4, 6, 8] and run["tokens"] == [s * 8 * 64 for s in run["step"]]
+        assert all(math.isfinite(loss) for loss in run["val_loss"]), run
+    # The fractions, recomputed from the curves in the JSON.
+    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["val_loss"][-1])
+            for name in names}
+    target = best[names[0]]["val_loss"][-1]
+    adamw_steps = quality.steps_to_reach(best[names[0]], target)
+    assert result["summary"] == summary and [row["optimizer"] for row in summary] == names
+    for row in summary:
+        run = best[row["optimizer"]]
+        assert row["best lr"] == run["learning_rate"]
+        assert row["final validation loss"] == run["val_loss"][-1]
+        reached = quality.steps_to_reach(run, target)
+        if reached is None:
+            assert row["fraction of AdamW's tokens"] == "-" and min(run["val_loss"]) > target
+        else:
+            assert row["fraction of AdamW's tokens"] == pytest.approx(reached / adamw_steps)
+            assert row["tokens to AdamW's best (M)"] == pytest.approx(reached * 8 * 64 / 1e6)
+    assert summary[0]["fraction of AdamW's tokens"] == 1.0
+
+    # The plan: 3 runs in 90% of the 90 s left, each 5 s of compilation,
+    # 21 validation passes of 0.1 s and steps of 0.01 s: 1,990 steps, so
+    # 1,980 in a multiple of the 20 evaluations.
+    args = scale_quality.parse(["--tiny", "--time-budget", "100"])
+    assert scale_quality.plan(args, 3, 10.0, 0.01, 0.1, 5.0)["steps"] == 1980
+    with pytest.raises(SystemExit, match="do not fit"):
+        scale_quality.plan(args, 3, 95.0, 0.01, 0.1, 5.0)

@@ -548,3 +548,115 @@ def test_cautious_weight_decay_on_the_adamw_side():
             epsilon=1e-7, weight_decay=0.5, cautious=True,
         )
     np.testing.assert_allclose(got, w, atol=ATOL)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_hyperball_matches_the_reference(nesterov, steps):
+    check_family_member(keras_muon.Muon, {}, {"rule": "muon"}, nesterov, steps, hyperball=True)
+
+
+def hyperball_model():
+    """Attention per head (4 blocks per projection), a feed-forward pair
+    (one tall kernel), an LSTM (4 gate blocks), and a head and biases on
+    AdamW."""
+    inputs = keras.Input((5, 8))
+    x = keras.layers.MultiHeadAttention(4, 2, name="attention")(inputs, inputs)
+    x = keras.layers.Dense(8, name="down")(keras.layers.Dense(24, name="up")(x))
+    x = keras.layers.LSTM(6, name="lstm")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def block_norms(optimizer, model):
+    """{path: the Frobenius norm of each block} of the Muon variables."""
+    norms = {}
+    for variable, state in zip(optimizer._trainable_variables, optimizer._states):
+        if state.route.view is not None:
+            blocks = ops.convert_to_numpy(state.route.view.to_blocks(variable))
+            norms[variable.path] = np.linalg.norm(blocks, axis=(1, 2))
+    return norms
+
+
+def test_hyperball_keeps_each_block_on_its_sphere():
+    keras.utils.set_random_seed(4)
+    model = hyperball_model()
+    optimizer = keras_muon.Muon(learning_rate=0.05, hyperball=True, per_head=True)
+    optimizer.attach(model)
+    optimizer.build(model.trainable_variables)
+    radii = block_norms(optimizer, model)
+    assert {path: len(r) for path, r in radii.items()} == {
+        "attention/query/kernel": 4, "attention/key/kernel": 4, "attention/value/kernel": 4,
+        "attention/attention_output/kernel": 4, "up/kernel": 1, "down/kernel": 1,
+        "lstm/lstm_cell/kernel": 4, "lstm/lstm_cell/recurrent_kernel": 4,
+    }
+    saved = {s.radius.path: ops.convert_to_numpy(s.radius) for s in optimizer._states if s.radius is not None}
+    assert len(saved) == len(radii)
+    before = [ops.convert_to_numpy(v) for v in model.trainable_variables]
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        optimizer.apply([ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
+    for path, norms in block_norms(optimizer, model).items():
+        np.testing.assert_allclose(norms, radii[path], rtol=1e-5, err_msg=path)
+    moved = [not np.allclose(a, ops.convert_to_numpy(v)) for a, v in zip(before, model.trainable_variables)]
+    assert all(moved)  # Muon and AdamW variables alike
+    # AdamW's side keeps its weight decay; Muon's has none.
+    assert optimizer.weight_decay is None and optimizer.adam_weight_decay == 0.004
+
+
+def test_hyperball_steps_are_lr_relative_to_the_radius():
+    # One step from a block W with update U: ‖W' − W‖ is about lr·R for a
+    # small lr (a chord of the sphere), whatever the scale of W.
+    for scale in (0.01, 100.0):
+        w = scale * random_arrays([(12, 20)], seed=6)[0]
+        optimizer = keras_muon.Muon(learning_rate=0.01, hyperball=True)
+        (after,) = run(optimizer, [w], [random_arrays([(12, 20)], seed=7)])
+        radius = np.linalg.norm(w)
+        assert np.linalg.norm(after - w) == pytest.approx(0.01 * radius, rel=1e-3)
+        assert np.linalg.norm(after) == pytest.approx(radius, rel=1e-5)
+
+
+def test_hyperball_refuses_a_zero_block_naming_the_variable():
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(6, kernel_initializer="zeros", name="zeroed")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    optimizer = keras_muon.Muon(hyperball=True)
+    optimizer.attach(model)
+    with pytest.raises(ValueError, match="zeroed/kernel has 1 of 1 blocks of norm 0"):
+        optimizer.build(model.trainable_variables)
+
+
+@pytest.mark.parametrize("weight_decay", [0.1, 0.5])
+def test_hyperball_with_a_weight_decay_is_an_error(weight_decay):
+    with pytest.raises(ValueError, match="weight_decay.*hyperball=True"):
+        keras_muon.Muon(hyperball=True, weight_decay=weight_decay)
+    for no_decay in (0.0, None):
+        assert keras_muon.Muon(hyperball=True, weight_decay=no_decay).weight_decay is None
+    config = keras_muon.Muon(hyperball=True).get_config()
+    assert config["hyperball"] is True and config["weight_decay"] is None
+    assert keras_muon.Muon.from_config(config).get_config() == config
+    assert keras_muon.Muon().weight_decay == pytest.approx(0.1)
+
+
+def test_lora_factors_start_from_a_zero_factor_without_nan():
+    # enable_lora: `lora_kernel_a` random, `lora_kernel_b` zeros. In the
+    # first step A's gradient is zero (B is), so A only decays; B moves by
+    # an orthogonal update of RMS lr·rms_rate (the "moonlight" scale).
+    inputs = keras.Input((8,))
+    adapted = keras.layers.Dense(6, name="adapted")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(adapted(inputs)))
+    adapted.enable_lora(2)
+    # 8 Newton–Schulz steps: singular values within 1e-5 of 1.
+    optimizer = keras_muon.Muon(learning_rate=0.05, ns_steps=8)
+    model.compile(optimizer=optimizer, loss="mse")
+    a_before = ops.convert_to_numpy(adapted.lora_kernel_a)
+    x, y = random_arrays([(16, 8), (16, 3)], seed=8)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(adapted.lora_kernel_a), a_before * (1 - 0.05 * 0.1), rtol=1e-6
+    )
+    b = ops.convert_to_numpy(adapted.lora_kernel_b)
+    assert np.sqrt(np.mean(b**2)) == pytest.approx(0.05 * 0.2, rel=1e-4)
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert all(np.isfinite(ops.convert_to_numpy(v)).all() for v in model.trainable_variables)
+    assert not np.allclose(ops.convert_to_numpy(adapted.lora_kernel_a), a_before)

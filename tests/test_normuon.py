@@ -26,6 +26,12 @@ def test_normuon_matches_the_reference(variant, nesterov, steps, cautious):
     check_family_member(*VARIANTS[variant], nesterov, steps, cautious)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("steps", [1, 4])
+def test_normuon_with_hyperball_matches_the_reference(variant, steps):
+    check_family_member(*VARIANTS[variant], nesterov=True, steps=steps, hyperball=True)
+
+
 @pytest.mark.parametrize("neuron_axis, shapes", [
     ("longer", {(24, 40): (1, 1, 40), (40, 24): (1, 40, 1), (16, 16): (1, 1, 16)}),
     ("output", {(24, 40): (1, 1, 40), (40, 24): (1, 1, 24), (16, 16): (1, 1, 16)}),

@@ -34,18 +34,20 @@ LAYERS = [
     # Speed and scale.
     "backends.distributed",
     "backends.torch_foreach",
-    "backends.tf_mirrored",
+    "backends.tf_distribute",
     # An optional feature.
     "qk_clip.rules",
     "qk_clip.keras_hub",
     "qk_clip.probe",
     "qk_clip.clip",
-    "qk_clip.monitor",
     # Persistence, then the optimizers and the public names.
     "checkpoint",
     "muon",
     "normuon",
     "adamuon",
+    # Watching a run.
+    "monitor.statistics",
+    "monitor.callback",
     "__init__",
 ]
 MAX_MODULE_LINES = 500

@@ -11,7 +11,7 @@ each computes `1/N` of the work and all end with the same update:
   every device of the mesh;
 - `tf.distribute.MirroredStrategy`: an all-gather between replicas, or,
   where the strategy updates variables through `merge_call`, two passes
-  over the replicas (`backends.tf_mirrored`);
+  over the replicas (`backends.tf_distribute`);
 - torch: an all-gather over the default process group, when one is
   initialized (DistributedDataParallel).
 
@@ -29,9 +29,13 @@ from keras import ops
 from keras_muon.update.newton_schulz import newton_schulz
 
 
-def orthogonalize(blocks, schedule, dtype=None, split=True):
+def orthogonalize(blocks, schedule, dtype=None, split=True, placement=None):
     """`newton_schulz(blocks, schedule, dtype)`, with the blocks split among
-    the data-parallel replicas when `split` is true and there are several."""
+    the data-parallel replicas when `split` is true and there are several;
+    or, for blocks laid out whole over mesh axis `placement` (see
+    `placements`), on each device, where they are."""
+    if placement is not None:
+        return _jax_in_place(blocks, schedule, dtype, placement)
     if split:
         backend = keras.backend.backend()
         if backend == "jax":
@@ -106,6 +110,39 @@ def _jax_split(blocks, schedule, dtype):
     return split(padded)[:count]
 
 
+def placements(entries):
+    """For each `Entry` of a Muon variable: under `keras.distribution`
+    (JAX), the mesh axis along which the variable's layout lays its blocks
+    out whole, each device holding whole blocks (an expert bank sharded on
+    its expert axis); None for any other variable. Newton–Schulz then runs
+    on the blocks where they are, with no communication."""
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    return [None if distribution is None else _placement(entry, distribution) for entry in entries]
+
+
+def _placement(entry, distribution):
+    layout = getattr(entry.variable, "_layout", None)
+    view = entry.state.route.view
+    axes = None if layout is None else view.blocks_layout(layout.axes)
+    if axes is None or axes[0] is None or axes[1:] != (None, None):
+        return None
+    return axes[0]
+
+
+def _jax_in_place(blocks, schedule, dtype, placement):
+    import jax
+    from jax.sharding import PartitionSpec
+
+    mesh = keras.distribution.distribution().device_mesh.backend_mesh
+    in_place = _shard_map(jax)(
+        lambda x: newton_schulz(x, schedule, dtype),
+        mesh=mesh,
+        in_specs=PartitionSpec(placement),
+        out_specs=PartitionSpec(placement),
+    )
+    return in_place(blocks)
+
+
 def _shard_map(jax):
     """`jax.shard_map`, or its experimental form in JAX versions before it."""
     if hasattr(jax, "shard_map"):
@@ -119,7 +156,7 @@ def _tf_split(blocks, schedule, dtype):
     import tensorflow as tf
 
     context = tf.distribute.get_replica_context()
-    # None in a cross-replica context: `tf_mirrored` splits there.
+    # None in a cross-replica context: `tf_distribute` splits there.
     if context is None or context.num_replicas_in_sync < 2:
         return newton_schulz(blocks, schedule, dtype)
     replicas = context.num_replicas_in_sync
@@ -183,9 +220,12 @@ def tf_strategy():
 
 
 def is_mirrored(strategy):
+    """Whether `strategy` keeps a copy of every variable on every replica:
+    `MirroredStrategy`, and `MultiWorkerMirroredStrategy` across workers."""
     import tensorflow as tf
 
-    return isinstance(strategy, tf.distribute.MirroredStrategy)
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return isinstance(strategy, mirrored)
 
 
 def reject_fsdp_parameters(model):

@@ -21,6 +21,7 @@ import torch
 from keras import ops
 
 from keras_muon.update import batching
+from keras_muon.update import rule
 
 
 # The formulas: twins of those of update/rule.py.
@@ -126,6 +127,9 @@ def muon_update(optimizer, batches, orthogonal, learning_rate):
     for batch, stacked in zip(batches, orthogonal):
         for entry, blocks in batching.unstack(batch, stacked):
             blocks = _as(optimizer._normalized(entry, blocks), _state_dtype(entry))
+            if entry.state.radius is not None:
+                _hyperball(entry, blocks, learning_rate)
+                continue
             entries.append(entry)
             updates[id(entry)] = entry.state.route.view.from_blocks(blocks)
     for dtype, group in _by_state_dtype(entries):
@@ -137,6 +141,15 @@ def muon_update(optimizer, batches, orthogonal, learning_rate):
         scales = torch.tensor([entry.state.scale for entry in group], dtype=dtype, device=lr.device)
         descended(weights, group_updates, torch.unbind(lr * scales))
         _store(group, weights)
+
+
+def _hyperball(entry, blocks, learning_rate):
+    """`rule.hyperball`'s step of one variable. It normalizes each block,
+    and has no multi-tensor form (as the variants' normalizations)."""
+    view, weights, dtype = entry.state.route.view, entry.variable.value, _state_dtype(entry)
+    lr, radius = learning_rate.to(dtype), entry.state.radius.value
+    moved = rule.hyperball(view.to_blocks(_as(weights, dtype)), blocks, radius, lr)
+    weights.copy_(view.from_blocks(moved))
 
 
 def _by_state_dtype(entries):

@@ -68,12 +68,17 @@ class _HeadWalk:
     Walks back from the outputs through operations that do not mix
     features (no weights, or 0-D/1-D weights only: activations, dropout,
     reshapes, pooling, normalization) and into nested models, following
-    only the output they return. Through a merge (`Add`, `Concatenate`,
-    ...) it follows every input but skip connections: an input that also
-    feeds another input of the merge. Tensors that are not floating point
-    (masks, indices) carry no prediction and are not followed.
+    only the output they return. Through a merge (`Concatenate`, an `Add`
+    of independent branches, ...) it follows every input. Tensors that
+    are not floating point (masks, indices) carry no prediction and are
+    not followed.
 
     The walk ends at:
+    - a residual addition, where one input of an `Add` also feeds another
+      (`x + f(x)`): the residual stream is the output, and a branch added
+      into it is a hidden layer, so nothing is a head there; and so at a
+      layer with sub-layers that cannot be traced and returns a tensor
+      shaped as one of its inputs (a transformer block);
     - a layer with matrix weights and no sub-layers: the head;
     - an operation that takes a variable of 2 or more dimensions (the
       logits of a tied embedding, `ops.einsum("btd,vd->btv", x, table)`):
@@ -135,8 +140,15 @@ class _HeadWalk:
             if not operation.weights and not _computes_floats(operation, node, tensor_index):
                 return []
         if not _mixes_features(operation):
+            if _is_residual_addition(operation, node):
+                # The residual stream is the output, not a branch added to it.
+                return []
             inputs = [t for t in node.input_tensors if _carries_prediction(t)]
             return _without_skip_connections(inputs)
+        if operation._layers and _returns_an_input_shape(node, tensor_index):
+            # An untraced block that returns a tensor shaped as one of its
+            # inputs is taken for a residual block (a transformer layer).
+            return []
         if not (operation._layers and self.guess(operation)):
             self._add_head(operation)
         return []
@@ -229,6 +241,24 @@ def _should_trace(operation):
         return True
     own_module = type(operation).__module__.split(".")[0] == "keras"
     return not operation.weights and not own_module
+
+
+def _returns_an_input_shape(node, tensor_index):
+    """Whether output `tensor_index` of `node` has the shape of one of its
+    floating-point inputs."""
+    shape = tuple(tree.flatten(node.outputs)[tensor_index].shape)
+    inputs = [t for t in node.input_tensors if keras.backend.is_float_dtype(t.dtype)]
+    return any(tuple(t.shape) == shape for t in inputs)
+
+
+def _is_residual_addition(operation, node):
+    """Whether `operation` adds branches into a residual stream: an
+    addition one of whose floating-point operands (a model input, or a
+    computed tensor) is upstream of another."""
+    if type(operation).__name__ != "Add":
+        return False
+    operands = [t for t in node.input_tensors if keras.backend.is_float_dtype(t.dtype)]
+    return len(_without_skip_connections(operands)) < len(operands)
 
 
 def _without_skip_connections(tensors):

@@ -13,6 +13,8 @@ import re
 import keras
 from keras.src.layers.rnn.conv_lstm import ConvLSTMCell  # not exported by Keras
 
+from keras_muon.naming import is_lora_factor
+from keras_muon.naming import lora_rank
 from keras_muon.registry import LayerRegistry
 from keras_muon.routing.views import MatrixView
 from keras_muon.routing.views import Route
@@ -104,27 +106,52 @@ def not_a_matrix(layer, variable):
         return Route(None, f"{name} {variable.name}")
     if len(variable.shape) <= 1:
         return Route(None, f"{name} {len(variable.shape)}-D variable")
-    if variable.name.startswith("lora_"):
-        # The two factors of a low-rank update to a frozen matrix: see
-        # "LoRA" in docs/routing.md for why they stay on AdamW.
-        rank = min(variable.shape)
-        return Route(None, f"{name} {variable.name}: LoRA factor of rank {rank}")
+    if is_lora_factor(variable):
+        return Route(None, f"{name} {variable.name}: LoRA factor of rank {lora_rank(variable)}")
     return Route(None, f"{name} {variable.name}: not a weight matrix")
 
 
 def _dense_rule(layer, variable, per_head):
-    if _is_kernel(variable):
-        return _dense_route(variable, "Dense kernel")
+    # A LoRA factor is a matrix of its own: `lora_kernel_a` (d_in, r),
+    # `lora_kernel_b` (r, d_out).
+    if _is_kernel(variable) or is_lora_factor(variable):
+        return _dense_route(variable, _kind(variable, "Dense kernel"))
     return not_a_matrix(layer, variable)
 
 
 def _einsum_dense_rule(layer, variable, per_head):
-    if not _is_kernel(variable):
+    if not (_is_kernel(variable) or is_lora_factor(variable)):
         return not_a_matrix(layer, variable)
-    equation = layer.equation.replace(" ", "").replace("...", "")
+    axes = _einsum_kernel_axes(layer.equation, len(layer.kernel.shape))
+    if isinstance(axes, str):
+        return Route(None, f"EinsumDense '{layer.equation}': {axes}")
+    if variable.name == "lora_kernel_b":
+        # (r, the kernel's last axis), in place of that axis.
+        return _dense_route(variable, _kind(variable, f"EinsumDense '{layer.equation}'"))
+    blocks, inputs, outputs = axes
+    if variable.name == "lora_kernel_a":
+        # The kernel's axes but the last, replaced by the rank: an output.
+        last = len(variable.shape) - 1
+        blocks, inputs, outputs = ([a for a in group if a != last] for group in axes)
+        outputs.append(last)
+    reason = _kind(variable, f"EinsumDense '{layer.equation}'")
+    # An attention projection has one model axis and (heads, head_dim) on
+    # the other side; per head, the heads axis indexes blocks.
+    if per_head and (len(inputs) == 1) != (len(outputs) == 1):
+        heads_side = inputs if len(inputs) > 1 else outputs
+        blocks.append(heads_side.pop(0))
+        reason += " per head"
+    return Route(MatrixView.from_axes(variable.shape, inputs, outputs, blocks), reason)
+
+
+def _einsum_kernel_axes(equation, rank):
+    """`(blocks, inputs, outputs)`: the axes of an `EinsumDense` kernel of
+    `rank` that index independent matrices (shared by input and output),
+    that the layer reads and that it writes; or why it is no matrix."""
+    equation = equation.replace(" ", "").replace("...", "")
     match = re.fullmatch(r"(\w*),(\w*)->(\w*)", equation)
-    if not match or len(match.group(2)) != len(variable.shape):
-        return Route(None, f"EinsumDense '{layer.equation}': unsupported")
+    if not match or len(match.group(2)) != rank:
+        return "unsupported"
     reads, kernel, writes = match.groups()
     blocks, inputs, outputs = [], [], []
     for axis, letter in enumerate(kernel):
@@ -135,18 +162,17 @@ def _einsum_dense_rule(layer, variable, per_head):
         elif letter in writes:
             outputs.append(axis)
         else:
-            return Route(None, f"EinsumDense '{layer.equation}': unsupported")
+            return "unsupported"
     if not inputs or not outputs:
-        return Route(None, f"EinsumDense '{layer.equation}': not a matrix")
-    reason = f"EinsumDense '{layer.equation}'"
-    # An attention projection has one model axis and (heads, head_dim) on
-    # the other side; per head, the heads axis indexes blocks.
-    if per_head and (len(inputs) == 1) != (len(outputs) == 1):
-        heads_side = inputs if len(inputs) > 1 else outputs
-        blocks.append(heads_side.pop(0))
-        reason += " per head"
-    view = MatrixView.from_axes(variable.shape, inputs, outputs, blocks)
-    return Route(view, reason)
+        return "not a matrix"
+    return blocks, inputs, outputs
+
+
+def _kind(variable, kernel):
+    """How the table names a kernel, or one of its LoRA factors."""
+    if is_lora_factor(variable):
+        return f"LoRA factor {variable.name} of {kernel} (rank {lora_rank(variable)})"
+    return kernel
 
 
 def _concatenated_outputs_view(shape, parts):

@@ -8,15 +8,30 @@ on the call stack. In a custom training loop, `Muon.attach(model)` names it.
 
 import re
 import sys
+import weakref
 
 import keras
 
+from keras_muon.naming import is_lora_factor
 from keras_muon.naming import variable_path
 from keras_muon.routing import keras_hub
 from keras_muon.routing.heads import output_heads
 from keras_muon.routing.keras_layers import route_by_layer
 from keras_muon.routing.keras_layers import route_without_layer
 from keras_muon.routing.views import Route
+
+
+def attached(optimizer, model):
+    """A weak reference to `model`, which `optimizer.attach(model)` names
+    before the optimizer is built; a ValueError otherwise."""
+    if not isinstance(model, keras.Layer):
+        raise ValueError(f"`attach` expects a keras.Model or keras.Layer. Received: {model!r}")
+    if optimizer.built:
+        raise ValueError(
+            "`attach` must be called before the optimizer is built: "
+            "routing is decided at build time. Create a new optimizer."
+        )
+    return weakref.ref(model)
 
 
 def find_model(optimizer, variables):
@@ -71,7 +86,7 @@ def _trainable_variables(layer):
         return []
 
 
-def route_variables(variables, model, per_head=False, exclude_layers=()):
+def route_variables(variables, model, per_head=False, exclude_layers=(), lora="muon"):
     """One `Route` per variable.
 
     Args:
@@ -80,6 +95,9 @@ def route_variables(variables, model, per_head=False, exclude_layers=()):
         per_head: Whether attention projections are split by head.
         exclude_layers: Compiled regexes; a variable whose path matches one
             goes to AdamW.
+        lora: `"muon"`: the LoRA factors of `Dense` and `EinsumDense`
+            kernels go to Muon, each a matrix of its own; `"adamw"`: to
+            AdamW.
 
     Returns:
         A list of `Route`, aligned with `variables`.
@@ -97,7 +115,10 @@ def route_variables(variables, model, per_head=False, exclude_layers=()):
         elif id(variable) in heads:
             routes.append(Route(None, heads[id(variable)]))
         elif id(variable) in owners:
-            routes.append(_route_shared(variable, owners[id(variable)], per_head))
+            route = _route_shared(variable, owners[id(variable)], per_head)
+            if lora == "adamw" and is_lora_factor(variable) and route.view is not None:
+                route = Route(None, f"{route.reason}, lora='adamw'")
+            routes.append(route)
         else:
             routes.append(route_without_layer(variable))
     return routes
@@ -118,6 +139,16 @@ def _owners(model):
         for variable in layer._trainable_variables:
             owners.setdefault(id(variable), []).append(layer)
     return owners
+
+
+LORA = ("muon", "adamw")
+
+
+def checked_lora(lora):
+    """`lora`, or a ValueError naming the argument if it is not in `LORA`."""
+    if lora not in LORA:
+        raise ValueError(f"`lora` must be one of {LORA}. Received: lora={lora!r}")
+    return lora
 
 
 def compile_patterns(exclude_layers):

@@ -21,7 +21,8 @@ class MatrixView:
 
     The variable is reshaped to `split_shape`, transposed by `perm` (block,
     input and output axes, in that order) and reshaped to
-    `(num_blocks, d_in, d_out)`. Build one with `MatrixView.from_axes`.
+    `(num_blocks, d_in, d_out)`. Build one with `MatrixView.from_axes`;
+    `axes` keeps its `(blocks, inputs, outputs)` axes of `split_shape`.
     """
 
     shape: tuple
@@ -30,6 +31,7 @@ class MatrixView:
     num_blocks: int
     d_in: int
     d_out: int
+    axes: tuple = ()
 
     @classmethod
     def from_axes(cls, shape, inputs, outputs, blocks=(), split_shape=None):
@@ -80,6 +82,7 @@ class MatrixView:
             num_blocks=size(blocks),
             d_in=size(inputs),
             d_out=size(outputs),
+            axes=(blocks, inputs, outputs),
         )
 
     @classmethod
@@ -100,6 +103,40 @@ class MatrixView:
         if self._transposes:
             x = ops.transpose(ops.reshape(x, self.split_shape), self.perm)
         return ops.reshape(x, (self.num_blocks, self.d_in, self.d_out))
+
+    def blocks_layout(self, layout):
+        """The layout of `to_blocks`'s `(num_blocks, d_in, d_out)` for a
+        variable laid out as `layout` (a mesh axis name, or None, per axis of
+        the variable, as `keras.distribution.TensorLayout.axes`).
+
+        Each of the three is sharded by the mesh axis of its first axis of
+        more than one element, so that every device holds whole rows of
+        it; None where nothing shards it. Returns None where the layout
+        cannot be carried over: a sharded axis that `split_shape` splits, or
+        that is not the first of its group.
+        """
+        parts, split_axes = [], iter(enumerate(self.split_shape))
+        for size in self.shape:  # the axes of `split_shape` of each axis
+            axes, product = [], 1
+            while product < size or not axes:
+                axis, length = next(split_axes)
+                axes.append(axis)
+                product *= length
+            parts.append(axes)
+        sharded = {}
+        for variable_axis, mesh_axis in enumerate(layout):
+            if mesh_axis is not None:
+                if len(parts[variable_axis]) != 1:
+                    return None
+                sharded[parts[variable_axis][0]] = mesh_axis
+        blocks_layout = []
+        for group in self.axes:
+            group = [a for a in group if self.split_shape[a] > 1]
+            on = [a for a in group if a in sharded]
+            if on and on != group[:1]:
+                return None
+            blocks_layout.append(sharded[on[0]] if on else None)
+        return tuple(blocks_layout)
 
     @property
     def is_tall(self):

@@ -19,25 +19,31 @@ from keras import ops
 
 class BlockBatch(NamedTuple):
     """The Muon variables whose wide blocks share one shape, and those
-    blocks stacked in the order of `entries`."""
+    blocks stacked in the order of `entries`; or one variable whose blocks
+    are laid out whole over the devices along mesh axis `placement`."""
 
     entries: list
     blocks: Any  # (total blocks, rows, cols), rows <= cols, float32
+    placement: Any = None
 
 
-def stack_by_shape(entries, wide_blocks):
+def stack_by_shape(entries, wide_blocks, placements=None):
     """One `BlockBatch` per shape among `wide_blocks` (one tensor per entry,
-    from `MatrixView.to_wide_blocks`), in order of first appearance."""
-    groups = {}
-    for entry, blocks in zip(entries, wide_blocks):
-        groups.setdefault(tuple(blocks.shape[1:]), []).append((entry, blocks))
+    from `MatrixView.to_wide_blocks`), in order of first appearance; and one
+    per entry with a `placement` (not None), which stays where it is."""
+    groups, placed = {}, []
+    for entry, blocks, placement in zip(entries, wide_blocks, placements or [None] * len(entries)):
+        if placement is None:
+            groups.setdefault(tuple(blocks.shape[1:]), []).append((entry, blocks))
+        else:
+            placed.append(BlockBatch([entry], blocks, placement))
     # Concatenated even when alone: a copy in one layout whatever the view
     # (a transposed block is a strided view on torch, and matmuls round
     # differently on one).
     return [
         BlockBatch([entry for entry, _ in group], ops.concatenate([b for _, b in group]))
         for group in groups.values()
-    ]
+    ] + placed
 
 
 def unstack(batch, stacked):

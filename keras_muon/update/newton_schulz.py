@@ -6,11 +6,12 @@ matrix products (smaller ones for wide matrices iterated on their Gram
 matrix); a schedule is the list of `(a, b, c)` used step by step.
 """
 
+import functools
 import math
 import numbers
 
+import keras
 from keras import ops
-
 
 # Keller Jordan's single quintic, tuned for the largest slope at zero.
 JORDAN = ((3.4445, -4.7750, 2.0315),)
@@ -41,8 +42,9 @@ POLAR_EXPRESS = (
 _POLAR_EXPRESS_SAFETY = 1.01
 
 SCHEDULES = ("polar_express", "jordan", "you")
-# The dtypes the iteration runs in; normalization is always float32.
-DTYPES = ("float32", "bfloat16", "float16")
+# The precisions the iteration runs in (`ns_dtype`, see `matmul`); the
+# normalization is always float32.
+DTYPES = ("float32", "tf32", "bfloat16", "float16")
 
 
 def _evaluated_at(coefficients, factor):
@@ -173,6 +175,12 @@ def checked_dtype(dtype):
     return dtype
 
 
+def iterate_dtype(dtype):
+    """The dtype the iterates of precision `dtype` are stored in: float32
+    for None, "float32" and "tf32"."""
+    return "float32" if dtype in (None, "tf32") else dtype
+
+
 def msign(x, steps=5, coefficients="polar_express", dtype=None):
     """Orthogonalizes the last two axes of `x` by Newton–Schulz iteration.
 
@@ -194,8 +202,10 @@ def msign(x, steps=5, coefficients="polar_express", dtype=None):
         steps: Number of Newton–Schulz steps.
         coefficients: Schedule name or `(a, b, c)` triples; see
             `coefficient_schedule`.
-        dtype: Dtype of the iteration, e.g. `"bfloat16"` on accelerators.
-            `None` means float32. Normalisation is always float32.
+        dtype: Precision of the iteration, one of `DTYPES` (see `matmul`):
+            `None` or `"float32"` (true float32 products on every backend
+            and device), `"tf32"`, `"bfloat16"` or `"float16"`.
+            Normalisation is always float32.
 
     Returns:
         A tensor of the shape and dtype of `x`.
@@ -205,10 +215,9 @@ def msign(x, steps=5, coefficients="polar_express", dtype=None):
         - [Amsel et al., 2025](https://arxiv.org/abs/2505.16932)
     """
     schedule = coefficient_schedule(coefficients, steps)
+    checked_dtype(dtype)
     if len(x.shape) < 2:
-        raise ValueError(
-            f"msign needs a tensor of rank >= 2. Received shape {x.shape}"
-        )
+        raise ValueError(f"msign needs a tensor of rank >= 2. Received shape {x.shape}")
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = ops.swapaxes(x, -1, -2)
@@ -228,24 +237,24 @@ def newton_schulz(x, schedule, dtype=None):
     rows, cols = x.shape[-2], x.shape[-1]
     if rows > cols:
         raise ValueError(f"newton_schulz needs rows <= cols. Received shape {x.shape}")
-    dtype = dtype or "float32"
     input_dtype = x.dtype
-    x = ops.cast(_normalize(ops.cast(x, "float32")), dtype)
-    eye = ops.eye(rows, dtype=dtype)
+    x = ops.cast(_normalize(ops.cast(x, "float32")), iterate_dtype(dtype))
+    eye = ops.eye(rows, dtype=x.dtype)
     if uses_gram_iteration(rows, cols, len(schedule), dtype):
-        x = _gram_iteration(x, schedule, eye)
+        x = _gram_iteration(x, schedule, eye, dtype)
     else:
-        x = _plain_iteration(x, schedule, eye)
+        x = _plain_iteration(x, schedule, eye, dtype)
     return ops.cast(x, input_dtype)
 
 
 def uses_gram_iteration(rows, cols, steps, dtype=None):
     """Whether `newton_schulz` iterates a `(rows, cols)` matrix on its Gram
-    matrix: in float32, where that takes fewer FLOPs. In 16 bits the Gram
-    iterates lose the small singular values, so it never does."""
+    matrix: with float32 iterates (TF32 products included), where that
+    takes fewer FLOPs. In 16 bits the Gram iterates lose the small singular
+    values, so it never does."""
     rows, cols = min(rows, cols), max(rows, cols)
     gram = _flops(rows, cols, _gram_matmuls(steps))
-    return (dtype or "float32") == "float32" and gram < _flops(
+    return iterate_dtype(dtype) == "float32" and gram < _flops(
         rows, cols, _plain_matmuls(steps)
     )
 
@@ -287,6 +296,41 @@ def _gram_matmuls(steps):
     return 2 * segments, 4 * steps - 3 * segments
 
 
+def matmul(a, b, dtype=None):
+    """`a @ b` in the precision `dtype` of the iteration (see `DTYPES`).
+
+    - None, "float32": true float32 on every backend and device. JAX takes
+      `precision="highest"` on the product. TensorFlow and torch have only
+      a global setting, read here and never changed: where it lets this
+      product run in TF32 (`_may_use_tf32`), it is computed from three TF32
+      products (`tf32_x3`).
+    - "tf32": JAX takes `precision="high"`: TF32 on NVIDIA GPUs from
+      Ampere on, three bfloat16 passes on TPUs, float32 on CPUs.
+      TensorFlow and torch multiply as their global setting says: TF32 on
+      such GPUs with TensorFlow's default, float32 with torch's default
+      (TF32 after `torch.set_float32_matmul_precision("high")`).
+    - "bfloat16", "float16": the operands are in that dtype.
+    """
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.matmul(a, b, precision=_JAX_PRECISION[dtype])
+    if dtype in (None, "float32") and _may_use_tf32(a):
+        return tf32_x3(a, b)
+    return _product(a, b)
+
+
+# The precision of each JAX product, explicit so that the user's
+# `jax_default_matmul_precision` does not change what `dtype` means.
+_JAX_PRECISION = {
+    None: "highest",
+    "float32": "highest",
+    "tf32": "high",
+    "bfloat16": "default",
+    "float16": "default",
+}
+
+
 def _product(a, b):
     """`a @ b`: like `*` and `+`, the backend's own operator, without the
     dispatch of a `keras.ops` call, which in eager torch costs more than a
@@ -294,12 +338,78 @@ def _product(a, b):
     return a @ b
 
 
-def _plain_iteration(x, schedule, eye):
+# TF32 keeps 10 of float32's 23 explicit mantissa bits.
+_TF32_MASK = -(1 << 13)
+
+
+def tf32_split(x):
+    """`(hi, lo)` with `hi + lo == x` for float32 `x`: `hi` is `x` with its
+    13 low mantissa bits cleared, so TF32 holds it exactly, and `lo` the
+    rest, below 2⁻¹⁰·|x| (exact unless subnormal, where backends that flush
+    subnormals to zero drop it)."""
+    hi = ops.view(ops.bitwise_and(ops.view(x, "int32"), _TF32_MASK), "float32")
+    return hi, x - hi
+
+
+def tf32_x3(a, b):
+    """`a @ b` to about float32 accuracy from three products that may run
+    in TF32: `hi·hi' + (hi·lo' + lo·hi')` on the `tf32_split` of each side.
+    TF32 holds `hi` exactly and rounds `lo` by under 2⁻²⁰ of the operand,
+    and the dropped `lo·lo'` is under 2⁻²⁰ of `|a|·|b|`, where TF32 rounds
+    the operands of one product by up to 2⁻¹⁰."""
+    a_hi, a_lo = tf32_split(a)
+    b_hi, b_lo = tf32_split(b)
+    # The small terms are summed first, then rounded once against hi·hi'.
+    return _product(a_hi, b_hi) + (_product(a_hi, b_lo) + _product(a_lo, b_hi))
+
+
+def _may_use_tf32(x):
+    """Whether the user's global setting lets a float32 product of `x` run
+    in TF32. TensorFlow's (on by default) counts where a GPU that has TF32
+    is visible, torch's (off by default) for tensors on a CUDA device. A
+    CPU multiplies in float32 whatever the setting, so there the three
+    products of `tf32_x3` would only cost time."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return (
+            tf.config.experimental.tensor_float_32_execution_enabled()
+            and _tf_gpu_has_tf32()
+        )
+    if keras.backend.backend() == "torch" and x.device.type == "cuda":
+        import torch
+
+        matmul_setting = torch.backends.cuda.matmul
+        if not hasattr(torch.backends, "fp32_precision"):  # torch < 2.9
+            return matmul_setting.allow_tf32
+        # This API, as torch's older getters raise once it has been used;
+        # "none" defers to the setting of all backends.
+        precision = matmul_setting.fp32_precision
+        if precision == "none":
+            precision = torch.backends.fp32_precision
+        return precision == "tf32"
+    return False
+
+
+@functools.cache
+def _tf_gpu_has_tf32():
+    """Whether TensorFlow sees an NVIDIA GPU of compute capability 8.0
+    (Ampere) or later, the first with TF32."""
+    import tensorflow as tf
+
+    return any(
+        tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+        >= (8, 0)
+        for gpu in tf.config.list_physical_devices("GPU")
+    )
+
+
+def _plain_iteration(x, schedule, eye, dtype):
     """`X ← (a·I + b·G + c·G²)·X` with `G = X·Xᵀ`, per step."""
     for a, b, c in schedule:
-        gram = _product(x, ops.swapaxes(x, -1, -2))
-        poly = c * _product(gram, gram) + b * gram + a * eye
-        x = _product(poly, x)
+        gram = matmul(x, ops.swapaxes(x, -1, -2), dtype)
+        poly = c * matmul(gram, gram, dtype) + b * gram + a * eye
+        x = matmul(poly, x, dtype)
     return x
 
 
@@ -312,7 +422,7 @@ def _plain_iteration(x, schedule, eye):
 _GRAM_RESTART = 3
 
 
-def _gram_iteration(x, schedule, eye):
+def _gram_iteration(x, schedule, eye, dtype):
     """The plain iteration, carried out mostly on `rows × rows` matrices.
 
     Within a segment of steps, every iterate is `X_k = Q_k·X`, with `Q_k` a
@@ -327,14 +437,14 @@ def _gram_iteration(x, schedule, eye):
     """
     for start in range(0, len(schedule), _GRAM_RESTART):
         segment = schedule[start : start + _GRAM_RESTART]
-        gram = _product(x, ops.swapaxes(x, -1, -2))
+        gram = matmul(x, ops.swapaxes(x, -1, -2), dtype)
         q = None
         for step, (a, b, c) in enumerate(segment):
-            r = c * _product(gram, gram) + b * gram + a * eye
-            q = r if q is None else _product(r, q)
+            r = c * matmul(gram, gram, dtype) + b * gram + a * eye
+            q = r if q is None else matmul(r, q, dtype)
             if step < len(segment) - 1:
-                gram = _product(_product(r, gram), r)
-        x = _product(q, x)
+                gram = matmul(matmul(r, gram, dtype), r, dtype)
+        x = matmul(q, x, dtype)
     return x
 
 

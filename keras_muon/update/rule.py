@@ -16,6 +16,10 @@ import math
 
 from keras import ops
 
+from keras_muon.arguments import Default
+from keras_muon.arguments import boolean
+from keras_muon.arguments import optional_number
+
 
 SCALES = ("moonlight", "jordan", "mup", "naive")
 # The update RMS of the "moonlight" scale and of AdaMuon: that of a typical
@@ -79,6 +83,37 @@ def descended(weights, update, step_size):
     """`W − step_size·U`: the last line of the Muon update, with
     `step_size = lr·s` one scalar, so that the factors round once."""
     return ops.subtract(weights, ops.multiply(update, step_size))
+
+
+def hyperball(weights, update, radius, lr):
+    """Hyperball's step (Wen et al., 2026, arXiv 2606.16899) of blocks
+    `(num_blocks, d_in, d_out)`: `W_b ← R_b·normalize(W_b − lr·R_b·Û_b)`,
+    `Û_b = normalize(U_b)`, `normalize(X) = X/‖X‖_F`. The step is `lr`
+    times the radius `R_b` `(num_blocks,)` and the result is back on the
+    sphere, so `lr` is the relative size of a step. A zero update leaves
+    the block where it is."""
+    radius = ops.reshape(radius, (-1, 1, 1))
+    step = ops.multiply(update, lr * radius * _inverse_sqrt(_squared_norm(update)))
+    moved = ops.subtract(weights, step)
+    return ops.multiply(moved, radius * _inverse_sqrt(_squared_norm(moved)))
+
+
+def checked_weight_decay(weight_decay, hyperball):
+    """`(weight decay of Muon's variables, hyperball)` from the arguments:
+    no weight decay under Hyperball, whose radius replaces it; a ValueError
+    naming the argument for a wrong value, or for a non-zero `weight_decay`
+    given (not left to its `Default`) with `hyperball=True`."""
+    given = not isinstance(weight_decay, Default)
+    weight_decay = optional_number("weight_decay", weight_decay, minimum=0.0)
+    if not boolean("hyperball", hyperball):
+        return weight_decay, False
+    if not (given and weight_decay):
+        return None, True
+    raise ValueError(
+        "`hyperball=True` keeps each Muon matrix at its norm in place of weight "
+        "decay: leave `weight_decay` out, or set it to 0 or None. Received: "
+        f"weight_decay={weight_decay!r} with hyperball=True"
+    )
 
 
 def update_scale(scale, d_in, d_out, rms_rate=DEFAULT_RMS_RATE):

@@ -1,10 +1,15 @@
 """What the optimizer keeps for each trained variable, how that state is
 made, and what the phases of its update pass from one to the next."""
 
+import contextlib
 import dataclasses
 from typing import Any
 from typing import NamedTuple
 
+import keras
+from keras import ops
+
+from keras_muon.naming import is_lora_factor
 from keras_muon.naming import state_name
 from keras_muon.naming import variable_path
 
@@ -26,6 +31,8 @@ class VariableState:
             None for AdamW.
         decays: Whether weight decay applies to it
             (`exclude_from_weight_decay`).
+        radius: Hyperball's radius of each block, float32
+            `(num_blocks,)`, or None without Hyperball.
     """
 
     route: Any  # routing.views.Route
@@ -34,6 +41,7 @@ class VariableState:
     variant_state: Any = None
     scale: float | None = None
     decays: bool = False
+    radius: Any = None
 
 
 class Entry(NamedTuple):
@@ -61,3 +69,55 @@ def add_float32_state(optimizer, variable, name, shape, layout=None):
     after `variable`, as Keras names state made from a variable."""
     name = state_name(variable_path(variable), name)
     return optimizer.add_variable(shape=shape, dtype="float32", name=name, layout=layout)
+
+
+def add_radius(optimizer, variable, view):
+    """Hyperball's radius of each block of `variable` read by `view`: its
+    Frobenius norm now, a float32 state `(num_blocks,)` made by `optimizer`;
+    None for a LoRA factor, which starts from zero (`lora_kernel_b`) and
+    keeps the plain update. Raises a ValueError naming the variable if a
+    block is zero: it has no sphere to stay on."""
+    if is_lora_factor(variable):
+        return None
+    path = variable_path(variable)
+    with _eager_scope():
+        blocks = view.to_blocks(ops.cast(variable, "float32"))
+        norms = ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(blocks), axis=(1, 2))))
+    if not (norms > 0).all():
+        raise ValueError(
+            f"`hyperball=True` keeps each Muon matrix at its norm, but {path} "
+            f"has {int((norms == 0).sum())} of {len(norms)} blocks of norm 0 "
+            "(a zero-initialized kernel?). Initialize it with non-zero values, "
+            "or leave it to AdamW with `exclude_layers`."
+        )
+    return optimizer.add_variable(
+        shape=norms.shape,
+        initializer=lambda shape, dtype: ops.convert_to_tensor(norms, dtype),
+        dtype="float32",
+        name=state_name(path, "radius"),
+        layout=block_state_layout(variable, view, norms.shape),
+    )
+
+
+def _eager_scope():
+    """Where the weights' values can be read: TensorFlow's `fit` builds the
+    optimizer inside its traced train step, whose init scope is eager."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.init_scope()
+    return contextlib.nullcontext()
+
+
+def block_state_layout(variable, view, shape):
+    """The layout, under `keras.distribution`, of a state of `shape` that
+    indexes `variable`'s blocks as `(num_blocks, d_in or 1, d_out or 1)`,
+    or `(num_blocks,)`: each axis sharded as `view.to_blocks` of the
+    variable is, where it has more than one entry. None where the variable
+    has no layout, or one that `MatrixView.blocks_layout` cannot carry."""
+    layout = getattr(variable, "_layout", None)
+    axes = None if layout is None else view.blocks_layout(layout.axes)
+    if axes is None:
+        return None
+    axes = tuple(axis if size > 1 else None for axis, size in zip(axes, shape))
+    return keras.distribution.TensorLayout(axes, layout.device_mesh) if any(axes) else None

@@ -7,7 +7,7 @@ TensorFlow, and with torch DistributedDataParallel over 2 processes on
 torch. Devices must be set up before the backend starts, so each case runs
 this file as a script in a subprocess (`python distributed_cases.py
 <backend>[:<strategy>] <output file>`), which writes what it measured to
-JSON; the tests (test_distributed.py, test_tf_mirrored.py) check it. Each
+JSON; the tests (test_distributed.py, test_tf_distribute.py) check it. Each
 case also records which blocks each device orthogonalized
 (`split_newton_schulz`), and the weights with the split turned off.
 """
@@ -105,15 +105,15 @@ def loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def fit(weights, data, scope=None, **options):
-    """Trains the transformer with keras_muon.Muon(**options) under `scope`
-    (a distribution's, or none); returns the model and the optimizer."""
+def fit(weights, data, scope=None, optimizer_type=keras_muon.Muon, build=transformer, **options):
+    """Trains `build()` with `optimizer_type(**options)` under `scope` (a
+    distribution's, or none); returns the model and the optimizer."""
     import contextlib
 
     with scope or contextlib.nullcontext():
-        model = transformer()
+        model = build()
         model.set_weights(weights)
-        optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE, **options)
+        optimizer = optimizer_type(learning_rate=LEARNING_RATE, **options)
         model.compile(optimizer=optimizer, loss=loss())
         model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
     return model, optimizer
@@ -127,13 +127,16 @@ def muon_momentums(model, optimizer):
     return {path: by_path[f"{optimizer.name}/{path.replace('/', '_')}_momentum"] for path in muon}
 
 
-def snapshot(model, optimizer):
-    """The weights and Muon momentums, as NumPy arrays by name."""
+def snapshot(model, optimizer, to_numpy=True):
+    """The weights and Muon momentums, as NumPy arrays by name (or the
+    backend's arrays, without `to_numpy`)."""
     arrays = {
         f"weight {v.path}": v for v in model.trainable_variables if "qk_clip" not in v.path
     }
     for path, momentum in muon_momentums(model, optimizer).items():
         arrays[f"momentum {path}"] = momentum
+    if not to_numpy:
+        return {name: v.value for name, v in arrays.items()}
     return {name: keras.ops.convert_to_numpy(v) for name, v in arrays.items()}
 
 
@@ -159,6 +162,19 @@ def differences(reference, other):
     }
 
 
+def data_and_model_parallel(devices):
+    """`DataParallel` over `devices`, and `ModelParallel` on a (2 × 4)
+    (batch, model) mesh of them with `MODEL_PARALLEL_LAYOUTS`."""
+    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    for pattern, layout in MODEL_PARALLEL_LAYOUTS.items():
+        layout_map[pattern] = layout
+    return {
+        "DataParallel": keras.distribution.DataParallel(devices=devices),
+        "ModelParallel": keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"),
+    }
+
+
 def jax_case():
     import jax
 
@@ -166,16 +182,7 @@ def jax_case():
     weights, data = initial_weights_and_data()
     one_device = snapshot(*fit(weights, data))
     devices = keras.distribution.list_devices()
-    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
-    layout_map = keras.distribution.LayoutMap(mesh)
-    for pattern, layout in MODEL_PARALLEL_LAYOUTS.items():
-        layout_map[pattern] = layout
-    distributions = {
-        "DataParallel": keras.distribution.DataParallel(devices=devices),
-        "ModelParallel": keras.distribution.ModelParallel(
-            layout_map=layout_map, batch_dim_name="batch"
-        ),
-    }
+    distributions = data_and_model_parallel(devices)
     result = {"devices": len(devices)}
     for name, distribution in distributions.items():
         model, optimizer = fit(weights, data, distribution.scope())
@@ -218,6 +225,142 @@ def jax_case():
     result["ModelParallel bfloat16 state"] = [
         row for row in model_parallel_state(keras_muon.Muon) if "model" in row["variable layout"]
     ]
+    return result
+
+
+# Every matrix split over all 8 devices of a one-axis mesh that also
+# splits the batch (ZeRO-3 style): attention projections along their heads
+# or model axis, feed-forward kernels, the embedding and the LM head.
+FULLY_SHARDED_LAYOUTS = {
+    "block.*_attention/(query|key|value)/kernel": ("model", None, None),
+    "block.*_attention/attention_output/kernel": (None, None, "model"),
+    "block.*_up/kernel": ("model", None),
+    "block.*_down/kernel": (None, "model"),
+    "token_embedding/embeddings": (None, "model"),
+    "lm_head/kernel": ("model", None),
+}
+# keras-hub models for the expert-parallel and tensor-parallel layouts. All
+# experts are used by every token (top_k = num_experts): a routing decision
+# that round-off flips would say nothing about the optimizer.
+HUB = dict(vocabulary_size=64, num_layers=1, num_query_heads=4, num_key_value_heads=4, hidden_dim=16)
+MIXTRAL = dict(HUB, intermediate_dim=12, num_experts=4, top_k=4)
+LLAMA = dict(HUB, intermediate_dim=32)
+
+
+def causal_lm(backbone_name, config):
+    """A keras-hub causal LM from `config`, on token ids (its padding mask
+    all ones), returning logits."""
+    import keras_hub
+
+    backbone = getattr(keras_hub.models, backbone_name)(**config)
+    tokens = keras.Input((SEQUENCE,), dtype="int32")
+    inputs = {"token_ids": tokens, "padding_mask": keras.ops.ones_like(tokens)}
+    task = getattr(keras_hub.models, backbone_name.replace("Backbone", "CausalLM"))
+    return keras.Model(tokens, task(backbone=backbone, preprocessor=None)(inputs))
+
+
+class Experts(keras.layers.Layer):
+    """A bank of 8 expert matrices `(8, d, 12)`, every token through each."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(8, input_shape[-1], 12), name="kernel")
+
+    def call(self, x):
+        return keras.ops.einsum("btd,edf->btef", x, self.kernel)
+
+
+def experts_rule(layer, variable, per_head):
+    view = keras_muon.MatrixView.from_axes(variable.shape, inputs=(1,), outputs=(2,), blocks=(0,))
+    return keras_muon.Route(view, "experts")
+
+
+def experts_model():
+    tokens = keras.Input((SEQUENCE, 16))
+    x = keras.layers.Reshape((SEQUENCE, 8 * 12))(Experts(name="experts")(tokens))
+    return keras.Model(tokens, keras.layers.Dense(3, name="head")(x))
+
+
+def jax_layouts_case():
+    """The layouts LLM trainers use, on 8 simulated devices, each trained
+    as on one device with NorMuon per head with QK-Clip: fully sharded, an
+    expert-parallel keras-hub Mixtral, and keras-hub Llama's own
+    tensor-parallel `get_layout_map`. The collectives of the compiled
+    update, and the layout of the per-block state."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from distributed_step_time import update_collectives
+
+    devices = keras.distribution.list_devices()
+    one_axis = keras.distribution.DeviceMesh((8,), ["model"], devices)
+    two_axes = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
+
+    def layouts(mesh, table):
+        layout_map = keras.distribution.LayoutMap(mesh)
+        for pattern, layout in table.items():
+            layout_map[pattern] = layout
+        return layout_map
+
+    import keras_hub
+
+    runs = {
+        "fully sharded": (transformer, layouts(one_axis, FULLY_SHARDED_LAYOUTS), "model"),
+        "expert parallel": (
+            lambda: causal_lm("MixtralBackbone", MIXTRAL),
+            layouts(two_axes, {".*expert_feedforward.*": ("model", None, None)}),
+            "batch",
+        ),
+        "keras-hub layout map": (
+            lambda: causal_lm("LlamaBackbone", LLAMA),
+            keras_hub.models.LlamaBackbone.get_layout_map(two_axes),
+            "batch",
+        ),
+    }
+    options = dict(optimizer_type=keras_muon.NorMuon, per_head=True, qk_clip_threshold=1.0)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, HUB["vocabulary_size"], (STEPS * BATCH, SEQUENCE + 1)).astype("int32")
+    result = {}
+    for name, (build, layout_map, batch_axis) in runs.items():
+        keras.utils.set_random_seed(0)
+        weights = build().get_weights()
+        data = initial_weights_and_data()[1] if build is transformer else (tokens[:, :-1], tokens[:, 1:])
+        one_device = fit(weights, data, build=build, **options)
+        distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name=batch_axis)
+        model, optimizer = fit(weights, data, distribution.scope(), build=build, **options)
+        differences = [
+            float(np.max(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b))))
+            for a, b in zip(one_device[0].trainable_variables, model.trainable_variables)
+        ]
+        result[name] = {
+            "max weight difference": max(differences),
+            "clipped heads": [one_device[1].clipped_heads(), optimizer.clipped_heads()],
+            "sharded state": {
+                v.path.split("/", 1)[1]: list(v.value.sharding.spec)
+                for v in optimizer.variables
+                if "neuron_second_moment" in v.path and any(v.value.sharding.spec)
+            },
+        }
+    keras_muon.register_layer_rule(Experts, experts_rule)
+    for name, mesh, table, build in [
+        ("experts alone", one_axis, {"experts/kernel": ("model", None, None)}, experts_model),
+        ("fully sharded", one_axis, FULLY_SHARDED_LAYOUTS, transformer),
+    ]:
+        distribution = keras.distribution.ModelParallel(layout_map=layouts(mesh, table), batch_dim_name="model")
+        result[f"{name}: collectives"] = {
+            steps: update_collectives(distribution, build, keras_muon.Muon(ns_steps=steps))
+            for steps in (5, 10)
+        }
+    with keras.distribution.ModelParallel(
+        layout_map=layouts(one_axis, {"experts/kernel": ("model", None, None)}), batch_dim_name="model"
+    ).scope():
+        model = experts_model()
+        optimizer = keras_muon.Muon(hyperball=True)
+        optimizer.attach(model)
+        optimizer.build(model.trainable_variables)
+        result["radius layout"] = {
+            v.path.split("/", 1)[1]: list(v.value.sharding.spec) for v in optimizer.variables if "radius" in v.path
+        }
     return result
 
 
@@ -495,13 +638,129 @@ def torch_rank(rank, world_size, port, weights, data, outputs, options):
         torch.distributed.destroy_process_group()
 
 
+def run_processes(case, count, tmp_path, timeout=600):
+    """Runs `case` in `count` processes at once (`case:<index>,<port>...`,
+    with free ports on 127.0.0.1 for them to meet); returns what each
+    wrote, in order."""
+    ports = ",".join(str(free_port()) for _ in range(count))
+    outputs = [tmp_path / f"process{i}.json" for i in range(count)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, f"{case}:{i},{ports}", str(output)],
+            env=dict(os.environ, KERAS_BACKEND=BACKEND),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i, output in enumerate(outputs)
+    ]
+    logs = [process.communicate(timeout=timeout)[0] for process in processes]
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+    return [json.loads(output.read_text()) for output in outputs]
+
+
+def jax_process_case(option):
+    """One of two JAX processes joined by `keras.distribution.initialize`
+    (4 CPU devices each, gloo collectives), training under DataParallel
+    and ModelParallel over the 8 devices with `fit` on a `tf.data`
+    pipeline (Keras gives each process its part of every batch). Writes
+    each run's `snapshot`, gathered from both processes, beside its
+    output, and saves the ModelParallel model."""
+    import jax
+    import tensorflow as tf
+    from jax.experimental import multihost_utils
+
+    index, port, _ = map(int, option.split(","))
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(
+        job_addresses=f"127.0.0.1:{port}", num_processes=2, process_id=index
+    )
+    weights, (x, y) = initial_weights_and_data()
+    devices = keras.distribution.list_devices()
+    distributions = data_and_model_parallel(devices)
+    output = Path(sys.argv[2])
+    result = {"devices": len(devices), "processes": jax.process_count()}
+    for name, distribution in distributions.items():
+        with distribution.scope():
+            model = transformer()
+            model.set_weights(weights)
+            optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE, per_head=True)
+            model.compile(optimizer=optimizer, loss=loss())
+            model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), verbose=0)
+            arrays = {
+                key: np.asarray(multihost_utils.process_allgather(value, tiled=True))
+                for key, value in snapshot(model, optimizer, to_numpy=False).items()
+            }
+            np.savez(output.with_name(f"{output.stem}.{name}.npz"), **arrays)
+            if name == "ModelParallel":
+                model.save(output.with_name(f"{output.stem}.keras"))
+    return result
+
+
+def tensorflow_worker_case(option):
+    """One of two TensorFlow workers of a `MultiWorkerMirroredStrategy`
+    (`TF_CONFIG` on 127.0.0.1), training in a custom loop (Keras 3.15's
+    `fit` fails under this strategy, with its own optimizers too). Writes
+    its `snapshot` beside its output."""
+    index, *ports = map(int, option.split(","))
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    arrays = train_tf_loop(strategy, index)
+    output = Path(sys.argv[2])
+    np.savez(output.with_suffix(".npz"), **arrays)
+    return {"replicas": strategy.num_replicas_in_sync}
+
+
+def train_tf_loop(strategy, index=0):
+    """keras_muon.Muon in a custom loop under `strategy`, this replica
+    taking its part of each batch; returns the final `snapshot`."""
+    import tensorflow as tf
+
+    weights, (x, y) = initial_weights_and_data()
+    replicas = strategy.num_replicas_in_sync
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    with strategy.scope():
+        model = transformer()
+        model.set_weights(weights)
+        optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
+        optimizer.attach(model)
+        optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def step(x, y):
+        def replica_step(x, y):
+            with tf.GradientTape() as tape:
+                # The mean over the global batch: the replicas' gradients are summed.
+                value = loss_fn(y, model(x, training=True)) / (BATCH * SEQUENCE)
+            grads = tape.gradient(value, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+
+        strategy.run(replica_step, args=(x, y))
+
+    share = BATCH // replicas
+    for i in range(STEPS):
+        rows = slice(i * BATCH + index * share, i * BATCH + (index + 1) * share)
+        step(x[rows], y[rows])
+    return snapshot(model, optimizer)
+
+
 if __name__ == "__main__":
     case, output = sys.argv[1:]
     backend, _, option = case.partition(":")
     cases = {
         "jax": jax_case,
+        "jax_layouts": jax_layouts_case,
+        "jax_process": jax_process_case,
         "tensorflow": tensorflow_case,
         "tensorflow_raw_variables": tensorflow_raw_variables_case,
+        "tensorflow_worker": tensorflow_worker_case,
         "torch": torch_case,
     }
     arguments = [option] if option else []

@@ -1,6 +1,9 @@
-"""Newton–Schulz split among data-parallel replicas: keras.distribution
-on 8 simulated JAX devices, torch DDP over 2 processes, compared with one
-device (the training runs in subprocesses: see distributed_cases.py)."""
+"""Newton–Schulz split among data-parallel replicas, and blocks laid out
+whole orthogonalized where they live: keras.distribution on 8 simulated
+JAX devices, in one process and in two, torch DDP over 2 processes, each
+compared with one device (the training runs in subprocesses: see
+distributed_cases.py); a checkpoint written by two processes resumes on
+one device."""
 
 import keras
 import numpy as np
@@ -12,12 +15,21 @@ from keras_muon.update.newton_schulz import coefficient_schedule
 from keras_muon.update.newton_schulz import newton_schulz
 from keras_muon.update.newton_schulz import newton_schulz_flops
 from tests.backends.distributed_cases import BACKEND
+from tests.backends.distributed_cases import BATCH
 from tests.backends.distributed_cases import BLOCK_BATCHES
 from tests.backends.distributed_cases import DEPTH
+from tests.backends.distributed_cases import LEARNING_RATE
 from tests.backends.distributed_cases import STEPS
 from tests.backends.distributed_cases import check_clipped_as_on_one_device
 from tests.backends.distributed_cases import check_matches_one_device
+from tests.backends.distributed_cases import differences
+from tests.backends.distributed_cases import fit
+from tests.backends.distributed_cases import initial_weights_and_data
+from tests.backends.distributed_cases import loss
 from tests.backends.distributed_cases import run_case
+from tests.backends.distributed_cases import run_processes
+from tests.backends.distributed_cases import snapshot
+from tests.backends.distributed_cases import transformer
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
@@ -128,3 +140,56 @@ def test_torch_distributed_data_parallel_matches_one_device(tmp_path):
     assert sorted(result["errors under FSDP"]) == ["FullyShardedDataParallel", "fully_shard"]
     for error in result["errors under FSDP"].values():
         assert error is not None and "torch FSDP" in error
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+def test_two_jax_processes_match_one_device_and_resume_on_one(tmp_path):
+    results = run_processes("jax_process", 2, tmp_path)
+    assert results == [{"devices": 8, "processes": 2}] * 2
+    weights, data = initial_weights_and_data()
+    model, optimizer = fit(weights, data, per_head=True)
+    one_device = snapshot(model, optimizer)
+    for name in ("DataParallel", "ModelParallel"):
+        processes = [dict(np.load(tmp_path / f"process{i}.{name}.npz")) for i in range(2)]
+        assert all(np.array_equal(processes[0][k], processes[1][k]) for k in one_device), name
+        check_matches_one_device(differences(one_device, processes[0]))
+    # Saved under ModelParallel by two processes, resumed on one device: as
+    # uninterrupted training there.
+    uninterrupted, _ = fit(weights, data, per_head=True)
+    uninterrupted.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    resumed = transformer()
+    resumed.compile(optimizer=keras_muon.Muon(learning_rate=LEARNING_RATE, per_head=True), loss=loss())
+    resumed.optimizer.build(resumed.trainable_variables)
+    resumed.load_weights(tmp_path / "process0.keras")
+    assert int(resumed.optimizer.iterations) == STEPS
+    resumed.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    for got, want in zip(resumed.weights, uninterrupted.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want), atol=1e-4)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+def test_sharded_expert_and_tensor_parallel_layouts(tmp_path):
+    result = run_case("jax_layouts", tmp_path)
+    for name in ("fully sharded", "expert parallel", "keras-hub layout map"):
+        assert result[name]["max weight difference"] <= 1e-4, (name, result[name])
+        one_device, distributed = result[name]["clipped heads"]
+        assert one_device == distributed, (name, result[name])
+    assert result["fully sharded"]["clipped heads"][0] > 0
+    # NorMuon's per-neuron state is sharded as its variable's blocks are:
+    # a per-head query kernel (heads, d_model, head_dim) split on d_model
+    # keeps (heads, d_model, 1) split on d_model; an expert bank split on
+    # its expert axis keeps (experts, 1, d_out) split on it.
+    state = result["fully sharded"]["sharded state"]
+    assert state["block0_attention_query_kernel_neuron_second_moment"] == [None, "model", None]
+    assert state["block0_attention_attention_output_kernel_neuron_second_moment"] == [None, None, "model"]
+    experts = result["expert parallel"]["sharded state"]
+    assert len(experts) == 3 and all(spec == ["model", None, None] for spec in experts.values())
+    llama = result["keras-hub layout map"]["sharded state"]
+    assert llama["transformer_layer_0_self_attention_query_kernel_neuron_second_moment"] == ["batch", "model", None]
+    assert result["radius layout"] == {"experts_kernel_radius": ["model"]}
+    # Expert banks laid out whole on their devices are orthogonalized there:
+    # no collective at all. Fully sharded: the same collectives whatever
+    # the number of Newton–Schulz steps, so none within the iteration.
+    assert result["experts alone: collectives"] == {"5": {}, "10": {}}
+    collectives = result["fully sharded: collectives"]
+    assert collectives["5"] == collectives["10"] and collectives["5"], collectives

@@ -7,8 +7,8 @@ optimizer's update with the twins is compared with the generic phases,
 over three steps from the same weights and gradients, on every route:
 Muon kernels (attention heads, feed-forward, a tall kernel), AdamW
 variables (embedding, biases, norms, the head), 16-bit variables, weight
-decay plain, cautious and excluded, Nesterov or not, NorMuon, AdaMuon and
-QK-Clip. On CPU the two agree bit for bit, and the tests ask for that;
+decay plain, cautious and excluded, Nesterov or not, NorMuon, AdaMuon,
+QK-Clip and Hyperball. On CPU the two agree bit for bit, and the tests ask for that;
 fused multi-tensor kernels on GPUs may round differently.
 """
 
@@ -38,6 +38,8 @@ CASES = {
     "AdaMuon": (keras_muon.AdaMuon, {}),
     "AdaMuon, cautious": (keras_muon.AdaMuon, {"cautious_weight_decay": True}),
     "Muon, QK-Clip": (keras_muon.Muon, {"qk_clip_threshold": 0.05}),
+    "Muon, Hyperball": (keras_muon.Muon, {"hyperball": True}),
+    "NorMuon, Hyperball": (keras_muon.NorMuon, {"hyperball": True}),
 }
 
 

@@ -48,13 +48,35 @@ def test_only_the_used_output_of_a_nested_model_is_followed():
     assert table["last/kernel"] == table["pooler/kernel"] == table["shared/kernel"] == "muon"
 
 
-def test_residual_output_does_not_make_the_skip_branch_a_head():
+@pytest.mark.parametrize("add", [layers.Add(), lambda tensors: tensors[0] + tensors[1]])
+def test_a_branch_added_into_a_residual_output_is_not_a_head(add):
+    # The residual stream is the output: `last` writes into it, as the
+    # last feed-forward projection of a transformer backbone does.
     inputs = keras.Input((8,))
     h = layers.Dense(8, name="h")(inputs)
-    outputs = layers.Add()([h, layers.Dense(8, name="last")(h)])
+    outputs = add([h, layers.Dense(8, name="last")(h)])
+    table = table_for(keras.Model(inputs, outputs))
+    assert routes(table) == {"h/kernel": "muon", "h/bias": "adamw", "last/kernel": "muon", "last/bias": "adamw"}
+    assert table["last/kernel"]["reason"] == "Dense kernel"
+
+
+def test_independent_branches_added_at_the_output_are_heads():
+    inputs = keras.Input((8,))
+    h = layers.Dense(8, name="h")(inputs)
+    outputs = layers.Add()([layers.Dense(3, name="left")(h), layers.Dense(3, name="right")(h)])
     table = routes(table_for(keras.Model(inputs, outputs)))
-    assert table["last/kernel"] == "adamw"
+    assert table["left/kernel"] == table["right/kernel"] == "adamw"
     assert table["h/kernel"] == "muon"
+
+
+def test_a_head_after_a_residual_stream_is_still_the_head():
+    inputs = keras.Input((8,))
+    h = layers.Dense(8, name="h")(inputs)
+    stream = h + layers.Dense(8, name="branch")(h)
+    outputs = layers.Dense(3, name="head")(layers.LayerNormalization()(stream))
+    table = routes(table_for(keras.Model(inputs, outputs)))
+    assert table["head/kernel"] == "adamw"
+    assert table["branch/kernel"] == table["h/kernel"] == "muon"
 
 
 def test_normalization_after_the_head_is_walked_through():
@@ -396,7 +418,8 @@ def test_subclassed_residual_model_is_traced_without_side_effects():
     model = ResidualCounting()
     model(np.ones((2, 4)))
     table = table_for(model)
-    assert table[model.head.kernel.path]["reason"] == f"output head (Dense '{model.head.name}')"
+    # `x + head(...)` is a residual output: `head` writes into it.
+    assert table[model.head.kernel.path]["reason"] == "Dense kernel"
     assert table[model.hidden.kernel.path]["route"] == "muon"
     assert float(ops.convert_to_numpy(model.calls)) == 1.0  # tracing assigned nothing
 

@@ -346,16 +346,55 @@ def test_spectral_normalization_routes_as_the_wrapped_layer():
     assert table["sn_embed/embed/embeddings"]["route"] == "adamw"
 
 
-def test_lora_factors_say_what_they_are():
+@pytest.mark.parametrize("lora", ["muon", "adamw"])
+def test_lora_factors_of_a_dense_kernel_are_matrices_of_their_own(lora):
     dense = layers.Dense(6, name="adapted")
     inputs = keras.Input((4,))
     hidden = dense(inputs)
     dense.enable_lora(2)
-    table = table_for(keras.Model(inputs, layers.Dense(2, name="head")(hidden)))
-    for name in ("lora_kernel_a", "lora_kernel_b"):
+    table = table_for(keras.Model(inputs, layers.Dense(2, name="head")(hidden)), lora=lora)
+    for name, shape in (("lora_kernel_a", (4, 2)), ("lora_kernel_b", (2, 6))):
         row = table[f"adapted/{name}"]
-        assert (row["route"], row["reason"]) == ("adamw", f"Dense {name}: LoRA factor of rank 2")
+        reason = f"LoRA factor {name} of Dense kernel (rank 2)"
+        if lora == "muon":
+            assert (row["route"], row["reason"], row["matrix_shape"]) == ("muon", reason, shape)
+        else:
+            assert (row["route"], row["reason"]) == ("adamw", f"{reason}, lora='adamw'")
     assert "adapted/kernel" not in table  # frozen by LoRA
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_lora_factors_of_attention_projections(per_head):
+    # Query (d_model 8, 2 heads, head_dim 3): A is (8, 2, r), B (r, 3);
+    # output (2, 3, 8): A (2, 3, r), B (r, 8). A reads and writes what the
+    # kernel does but the last axis, which it writes as the rank.
+    inputs = keras.Input((5, 8))
+    attention = layers.MultiHeadAttention(2, 3, name="attention")
+    model = keras.Model(inputs, layers.Dense(2, name="head")(attention(inputs, inputs)))
+    attention.query_dense.enable_lora(4)
+    attention.output_dense.enable_lora(4)
+    optimizer = keras_muon.Muon(per_head=per_head)
+    optimizer.attach(model)
+    optimizer.build(model.trainable_variables)
+    views = {
+        v.path: s.route.view
+        for v, s in zip(optimizer._trainable_variables, optimizer._states)
+        if "lora" in v.path
+    }
+    shapes = {path: (view.matrix_shape, view.num_blocks) for path, view in views.items()}
+    assert shapes == {
+        "attention/query/lora_kernel_a": ((8, 4), 2) if per_head else ((8, 8), 1),
+        "attention/query/lora_kernel_b": ((4, 3), 1),
+        "attention/attention_output/lora_kernel_a": ((3, 4), 2) if per_head else ((6, 4), 1),
+        "attention/attention_output/lora_kernel_b": ((4, 8), 1),
+    }
+    # The rank is A's last axis and B's first, not the shortest axis (2 heads).
+    reasons = [s.route.reason for v, s in zip(optimizer._trainable_variables, optimizer._states) if "lora" in v.path]
+    assert len(reasons) == 4 and all(r.endswith("(rank 4)" + (" per head" if per_head and "_a" in r else "")) for r in reasons), reasons
+    a = np.random.default_rng(0).normal(size=(8, 2, 4)).astype("float32")
+    blocks = ops.convert_to_numpy(views["attention/query/lora_kernel_a"].to_blocks(a))
+    expected = a.transpose(1, 0, 2) if per_head else a.reshape(1, 8, 8)
+    np.testing.assert_array_equal(blocks, expected)
 
 
 def test_a_conv_with_one_channel_per_group_is_depthwise():

@@ -1,10 +1,14 @@
 """msign by Newton–Schulz: accuracy against SVD and the float64
 reference, schedules, precision, FLOPs."""
 
+import types
+
+import keras
 import numpy as np
 import pytest
 from keras import ops
 
+import keras_muon
 from keras_muon import coefficient_schedule
 from keras_muon import msign
 from keras_muon.update import newton_schulz as newton_schulz_module
@@ -13,8 +17,12 @@ from keras_muon.update.newton_schulz import POLAR_EXPRESS
 from keras_muon.update.newton_schulz import YOU
 from keras_muon.update.newton_schulz import newton_schulz
 from keras_muon.update.newton_schulz import newton_schulz_flops
+from keras_muon.update.newton_schulz import newton_schulz_matmuls
+from keras_muon.update.newton_schulz import tf32_split
+from keras_muon.update.newton_schulz import tf32_x3
 from keras_muon.update.newton_schulz import uses_gram_iteration
 from tests import reference
+from tests.helpers import run
 
 
 def run_msign(x, **kwargs):
@@ -81,7 +89,9 @@ def test_singular_values_follow_the_schedule_polynomials(coefficients, steps):
         np.sort(singular_values(out)), np.sort(expected), atol=2e-3 * expected.max()
     )
     # The singular vectors are those of x: the polar factors agree.
-    np.testing.assert_allclose(reference.svd_msign(out), reference.svd_msign(x), atol=2e-3)
+    np.testing.assert_allclose(
+        reference.svd_msign(out), reference.svd_msign(x), atol=2e-3
+    )
 
 
 @pytest.mark.parametrize("coefficients", ["polar_express", "jordan", "you"])
@@ -164,7 +174,9 @@ def test_very_wide_matrix():
     "dtype, relative_error, sigma_range",
     [("bfloat16", 0.15, (0.82, 1.14)), ("float16", 0.02, (0.83, 1.13))],
 )
-def test_low_precision_iteration_is_close_to_float32(dtype, relative_error, sigma_range):
+def test_low_precision_iteration_is_close_to_float32(
+    dtype, relative_error, sigma_range
+):
     x = with_singular_values(SIGMA, 24, 36)
     out = run_msign(x, dtype=dtype)
     assert out.dtype == np.float32
@@ -177,7 +189,9 @@ def test_low_precision_iteration_is_close_to_float32(dtype, relative_error, sigm
 # And the iteration really runs in that dtype: float32 stays within about
 # 1e-5 of the float64 iteration, bfloat16 (8 significant bits) moves this
 # matrix's result by 7–9% and float16 (11 bits) by about 1% on every backend.
-@pytest.mark.parametrize("dtype, least_relative_error", [("bfloat16", 0.03), ("float16", 3e-3)])
+@pytest.mark.parametrize(
+    "dtype, least_relative_error", [("bfloat16", 0.03), ("float16", 3e-3)]
+)
 def test_low_precision_iteration_is_not_float32(dtype, least_relative_error):
     x = ops.convert_to_tensor(with_singular_values(SIGMA, 24, 36))
     schedule = coefficient_schedule("polar_express", 5)
@@ -213,7 +227,9 @@ def test_polar_express_follows_the_papers_algorithm():
 
     x = np.random.default_rng(9).normal(size=(12, 20)).astype("float32")
     for steps in (1, 5, 8, 10):
-        np.testing.assert_allclose(run_msign(x, steps=steps), paper(x, steps), atol=2e-5)
+        np.testing.assert_allclose(
+            run_msign(x, steps=steps), paper(x, steps), atol=2e-5
+        )
 
 
 # The published tables, written out here rather than read from the code.
@@ -313,7 +329,9 @@ def test_which_matrices_are_iterated_on_their_gram_matrix():
 # Singular values down to 1e-6: below the range the schedules are made
 # for, where float32 errors in the Gram iterates would show first.
 @pytest.mark.parametrize("shape", [(32, 128), (128, 32), (48, 192)])
-@pytest.mark.parametrize("coefficients, steps", [("polar_express", 5), ("polar_express", 8), ("jordan", 5)])
+@pytest.mark.parametrize(
+    "coefficients, steps", [("polar_express", 5), ("polar_express", 8), ("jordan", 5)]
+)
 def test_gram_iteration_matches_float64_reference(shape, coefficients, steps):
     assert uses_gram_iteration(*shape, steps)
     x = with_singular_values(np.geomspace(1e-6, 1.0, min(shape)), *shape, seed=10)
@@ -324,19 +342,26 @@ def test_gram_iteration_matches_float64_reference(shape, coefficients, steps):
 
 @pytest.mark.parametrize(
     "shape, steps, dtype",
-    [((16, 16), 5, None), ((16, 64), 5, None), ((16, 64), 8, None), ((16, 64), 1, None),
-     ((16, 64), 5, "bfloat16")],
+    [
+        ((16, 16), 5, None),
+        ((16, 64), 5, None),
+        ((16, 64), 8, None),
+        ((16, 64), 1, None),
+        ((16, 64), 5, "bfloat16"),
+    ],
 )
 def test_flop_count_is_that_of_the_products_performed(monkeypatch, shape, steps, dtype):
     performed = []
-    product = newton_schulz_module._product
+    matmul = newton_schulz_module.matmul
 
-    def counting_product(a, b):
+    def counting_matmul(a, b, dtype):
         performed.append(2 * int(np.prod(a.shape)) * b.shape[-1])
-        return product(a, b)
+        return matmul(a, b, dtype)
 
-    monkeypatch.setattr(newton_schulz_module, "_product", counting_product)
-    x = ops.convert_to_tensor(np.random.default_rng(11).normal(size=(3, *shape)).astype("float32"))
+    monkeypatch.setattr(newton_schulz_module, "matmul", counting_matmul)
+    x = ops.convert_to_tensor(
+        np.random.default_rng(11).normal(size=(3, *shape)).astype("float32")
+    )
     newton_schulz(x, coefficient_schedule("polar_express", steps), dtype)
     assert sum(performed) == 3 * newton_schulz_flops(*shape, steps, dtype)
 
@@ -344,3 +369,237 @@ def test_flop_count_is_that_of_the_products_performed(monkeypatch, shape, steps,
 def test_newton_schulz_needs_wide_matrices():
     with pytest.raises(ValueError, match="rows <= cols"):
         newton_schulz(ops.ones((5, 3)), coefficient_schedule("polar_express", 5))
+
+
+# Precision: what each `ns_dtype` computes its products in.
+
+BACKEND = keras.backend.backend()
+ON_CPU = "cpu" in str(ops.zeros(()).device).lower()
+PRECISIONS = [None, "float32", "tf32", "bfloat16", "float16"]
+
+
+def tf32_rounded(x):
+    """`x` as float32 with its 13 low mantissa bits cleared: what a TF32
+    unit reads of it (truncating, the worse of its roundings)."""
+    bits = np.asarray(x, dtype=np.float32).view(np.int32)
+    return (bits & np.int32(-(1 << 13))).view(np.float32)
+
+
+def tf32_product(a, b):
+    """A TF32 tensor-core product, emulated on the CPU: TF32 operands,
+    exact products, float32 result."""
+    a, b = (tf32_rounded(ops.convert_to_numpy(t)).astype(np.float64) for t in (a, b))
+    return ops.convert_to_tensor((a @ b).astype(np.float32))
+
+
+def relative_error(got, exact):
+    return np.linalg.norm(np.asarray(got, np.float64) - exact) / np.linalg.norm(exact)
+
+
+def test_tf32_split_is_exact_and_its_high_part_fits_tf32():
+    rng = np.random.default_rng(12)
+    # Down to 1e-30, where `lo` is still a normal number: JAX and GPUs
+    # flush subnormal ones to zero.
+    scales = np.float32([1e-30, 1e-3, 1.0, 7.0, 1e20, 1e37])
+    x = (rng.normal(size=(6, 64)) * scales[:, None]).astype(np.float32)
+    x[:, :2] = [0.0, np.finfo(np.float32).max]
+    hi, lo = (ops.convert_to_numpy(t) for t in tf32_split(ops.convert_to_tensor(x)))
+    assert hi.dtype == lo.dtype == np.float32
+    assert np.array_equal(hi + lo, x)
+    # At most 10 explicit mantissa bits: the 13 low ones are zero.
+    assert not np.any(hi.view(np.int32) & ((1 << 13) - 1))
+    assert np.array_equal(np.sign(hi), np.sign(x))
+    nonzero = x != 0
+    assert np.all(np.abs(lo[nonzero]) < 2.0**-10 * np.abs(x[nonzero]))
+    assert not np.any(lo[~nonzero])
+
+
+def test_three_tf32_products_recover_float32_accuracy(monkeypatch):
+    # Emulated TF32 products: one alone is 7.7e-4 off the float64 product
+    # here, the three of tf32_x3 3.5e-7, a float32 product 2e-7.
+    rng = np.random.default_rng(13)
+    a, b = (
+        rng.normal(size=shape).astype(np.float32)
+        for shape in [(2, 96, 128), (2, 128, 80)]
+    )
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    monkeypatch.setattr(newton_schulz_module, "_product", tf32_product)
+    one = ops.convert_to_numpy(tf32_product(a, b))
+    three = ops.convert_to_numpy(
+        tf32_x3(ops.convert_to_tensor(a), ops.convert_to_tensor(b))
+    )
+    assert relative_error(one, exact) > 5e-4
+    assert relative_error(three, exact) < 5e-7
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="JAX takes the precision on each product")
+def test_float32_iteration_on_emulated_tf32_is_as_accurate_as_on_a_cpu(monkeypatch):
+    # Where the user's global setting lets products run in TF32 (here
+    # emulated), "float32" computes each one from three TF32 products and
+    # stays as close to U·Vᵀ as on a CPU (3e-6); "tf32" takes the single
+    # TF32 product and lands about 5e-3 away.
+    x = ops.convert_to_tensor(
+        with_singular_values(normalised_spectrum(1e-3, 64), 64, 256)
+    )
+    exact = reference.svd_msign(ops.convert_to_numpy(x))
+    on_cpu = np.abs(ops.convert_to_numpy(msign(x, 8)) - exact).max()
+    monkeypatch.setattr(newton_schulz_module, "_product", tf32_product)
+    monkeypatch.setattr(newton_schulz_module, "_may_use_tf32", lambda x: True)
+    float32 = np.abs(ops.convert_to_numpy(msign(x, 8)) - exact).max()
+    tf32 = np.abs(ops.convert_to_numpy(msign(x, 8, dtype="tf32")) - exact).max()
+    assert on_cpu < 5e-6 and float32 < 5e-6
+    assert tf32 > 1e-3
+
+
+# On a CPU every float32 mode multiplies in float32; 8 Polar Express steps
+# on a 64×256 matrix with σ down to 1e-3 (iterated on its Gram matrix in
+# float32) land within 3e-6 of U·Vᵀ, bfloat16 about 3e-2 away and float16
+# about 4e-3, on every backend.
+@pytest.mark.skipif(not ON_CPU, reason="the accuracy of a CPU")
+@pytest.mark.parametrize(
+    "dtype, error_range, sigma_error",
+    [
+        (None, (0, 1e-5), 1e-5),
+        ("float32", (0, 1e-5), 1e-5),
+        ("tf32", (0, 1e-5), 1e-5),
+        ("bfloat16", (1e-2, 6e-2), 0.01),
+        ("float16", (1e-3, 1e-2), 2e-3),
+    ],
+)
+def test_accuracy_of_each_precision_on_a_cpu(dtype, error_range, sigma_error):
+    x = with_singular_values(normalised_spectrum(1e-3, 64), 64, 256)
+    out = run_msign(x, steps=8, dtype=dtype)
+    error = np.abs(out - reference.svd_msign(x)).max()
+    assert error_range[0] <= error <= error_range[1]
+    assert np.abs(singular_values(out) - 1).max() <= sigma_error
+    if dtype == "tf32":
+        np.testing.assert_array_equal(out, run_msign(x, steps=8))
+
+
+def global_precision_settings():
+    """The current backend's process-wide matmul precision settings."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.config.jax_default_matmul_precision
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.tensor_float_32_execution_enabled()
+    import torch
+
+    backends = torch.backends
+    return (
+        torch.get_float32_matmul_precision(),
+        backends.fp32_precision,
+        backends.cuda.matmul.fp32_precision,
+        backends.mkldnn.matmul.fp32_precision,
+    )
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+def test_no_global_precision_setting_changes(dtype):
+    before = global_precision_settings()
+    run_msign(
+        np.random.default_rng(14).normal(size=(2, 16, 48)).astype(np.float32),
+        dtype=dtype,
+    )
+    run(
+        keras_muon.Muon(learning_rate=0.01, ns_dtype=dtype),
+        [np.eye(12, 16, dtype="float32")],
+        [[np.ones((12, 16), "float32")]],
+    )
+    assert global_precision_settings() == before
+
+
+def dot_precisions(lowered_text):
+    """The `precision = [...]` of every dot in a lowered JAX program."""
+    lines = [line for line in lowered_text.splitlines() if "dot_general" in line]
+    return [line.split("precision = ")[1].split("]")[0] + "]" for line in lines]
+
+
+JAX_PRECISION_TEXT = {
+    None: "[HIGHEST, HIGHEST]",
+    "float32": "[HIGHEST, HIGHEST]",
+    "tf32": "[HIGH, HIGH]",
+    "bfloat16": "[DEFAULT, DEFAULT]",
+    "float16": "[DEFAULT, DEFAULT]",
+}
+
+
+@pytest.mark.skipif(
+    BACKEND != "jax", reason="JAX programs carry the precision of each product"
+)
+@pytest.mark.parametrize("user_default", [None, "bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", PRECISIONS)
+def test_jax_products_carry_the_precision_whatever_the_users_default(
+    dtype, user_default
+):
+    import jax
+
+    x = np.random.default_rng(15).normal(size=(3, 16, 64)).astype(np.float32)
+    with jax.default_matmul_precision(user_default):
+        text = jax.jit(lambda x: msign(x, dtype=dtype)).lower(x).as_text()
+    precisions = dot_precisions(text)
+    assert len(precisions) == sum(newton_schulz_matmuls(16, 64, 5, dtype))
+    assert set(precisions) == {JAX_PRECISION_TEXT[dtype]}
+
+
+@pytest.mark.skipif(
+    BACKEND != "jax", reason="JAX programs carry the precision of each product"
+)
+@pytest.mark.parametrize("dtype", [None, "tf32", "bfloat16"])
+def test_jax_muon_step_carries_the_precision(dtype):
+    import jax
+
+    optimizer = keras_muon.Muon(learning_rate=0.01, ns_dtype=dtype)
+    variables = [keras.Variable(np.ones((16, 64), "float32"), name="kernel")]
+    optimizer.build(variables)
+    state = [v.value for v in optimizer.variables]
+    lowered = jax.jit(optimizer.stateless_apply).lower(
+        state, [np.ones((16, 64), "float32")], [v.value for v in variables]
+    )
+    precisions = dot_precisions(lowered.as_text())
+    assert len(precisions) == sum(newton_schulz_matmuls(16, 64, 5, dtype))
+    assert set(precisions) == {JAX_PRECISION_TEXT[dtype]}
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's TF32 setting")
+def test_tensorflow_splits_products_where_its_tf32_setting_applies(monkeypatch):
+    import tensorflow as tf
+
+    x = ops.ones((4, 4))
+    assert tf.config.experimental.tensor_float_32_execution_enabled()  # the default
+    monkeypatch.setattr(newton_schulz_module, "_tf_gpu_has_tf32", lambda: False)
+    assert not newton_schulz_module._may_use_tf32(x)
+    monkeypatch.setattr(newton_schulz_module, "_tf_gpu_has_tf32", lambda: True)
+    assert newton_schulz_module._may_use_tf32(x)
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        assert not newton_schulz_module._may_use_tf32(x)
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(True)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's float32 matmul precision")
+def test_torch_splits_products_where_its_precision_setting_applies():
+    import torch
+
+    on_cuda = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))
+    on_cpu = torch.ones(4, 4, device="cpu")
+    original = torch.get_float32_matmul_precision()
+    assert original == "highest"  # the default
+    assert not newton_schulz_module._may_use_tf32(on_cuda)
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert newton_schulz_module._may_use_tf32(on_cuda)
+        # A CPU multiplies in float32 whatever the setting.
+        assert not newton_schulz_module._may_use_tf32(on_cpu)
+    finally:
+        torch.set_float32_matmul_precision(original)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "tf16", "high"])
+def test_unknown_precision_names_ns_dtype_and_its_values(dtype):
+    with pytest.raises(ValueError, match=r"ns_dtype.*'tf32'.*Received: ns_dtype="):
+        run_msign(np.ones((4, 4), "float32"), dtype=dtype)

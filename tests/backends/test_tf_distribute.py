@@ -1,6 +1,8 @@
-"""tf.distribute strategies on 2 logical CPU devices, compared with one
-device (the training runs in subprocesses: see distributed_cases.py)."""
+"""tf.distribute strategies on 2 logical CPU devices, and
+MultiWorkerMirroredStrategy over 2 local worker processes, compared with
+one device (the training runs in subprocesses: see distributed_cases.py)."""
 
+import numpy as np
 import pytest
 
 from tests.backends.distributed_cases import BACKEND
@@ -9,7 +11,10 @@ from tests.backends.distributed_cases import DEPTH
 from tests.backends.distributed_cases import TF_STRATEGIES
 from tests.backends.distributed_cases import check_clipped_as_on_one_device
 from tests.backends.distributed_cases import check_matches_one_device
+from tests.backends.distributed_cases import differences
 from tests.backends.distributed_cases import run_case
+from tests.backends.distributed_cases import run_processes
+from tests.backends.distributed_cases import train_tf_loop
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
@@ -52,3 +57,15 @@ def test_tf_mirrored_strategy_trains_raw_tf_variables(tmp_path):
     assert result["max weight difference"] <= 1e-6, result
     assert result["max difference between replicas"] == 0.0, result
     assert result["paths"] == ["matrix:0", "bias:0"], result
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
+def test_two_multi_worker_mirrored_workers_match_one_device(tmp_path):
+    import tensorflow as tf
+
+    results = run_processes("tensorflow_worker", 2, tmp_path)
+    assert results == [{"replicas": 2}] * 2
+    workers = [dict(np.load(tmp_path / f"process{i}.npz")) for i in range(2)]
+    one_device = train_tf_loop(tf.distribute.get_strategy())
+    assert all(np.array_equal(workers[0][k], workers[1][k]) for k in one_device)
+    check_matches_one_device(differences(one_device, workers[0]))

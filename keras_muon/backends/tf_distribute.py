@@ -1,27 +1,35 @@
-"""Muon under `tf.distribute.MirroredStrategy`.
+"""Muon under a `tf.distribute` strategy.
 
-Each replica holds a copy of every variable and of the optimizer's state.
-This module sums the gradients over the replicas, as Keras does, then runs
-the phases of `Muon._update` once per replica, in that replica's update
-context, where reading or assigning a mirrored variable (optimizer state
-included) reaches that replica's copy. With `split_newton_schulz`, each
-replica orthogonalizes its share of the blocks: through an all-gather
-where the strategy runs without `merge_call` (XLA-compiled steps on GPUs),
-else in two passes over the replicas. It uses the optimizer's phases only
-(`Muon` documents them), never its state.
+Under `MirroredStrategy` each replica holds a copy of every variable and
+of the optimizer's state. This module sums the gradients over the
+replicas, as Keras does, then runs the phases of `Muon._update` once per
+replica, in that replica's update context, where reading or assigning a
+mirrored variable (optimizer state included) reaches that replica's copy.
+With `split_newton_schulz`, each replica orthogonalizes its share of the
+blocks: through an all-gather where the strategy runs without
+`merge_call` (XLA-compiled steps on GPUs), else in two passes over the
+replicas. Other strategies place each variable on a device of its own, and
+Keras updates them one at a time, where they live. This module uses the
+optimizer's phases only (`Muon` documents them), never its state.
 """
 
 import keras
 from keras import ops
 
+from keras_muon.backends.distributed import is_mirrored
 from keras_muon.backends.distributed import share
 
 
-def update(optimizer, grads, variables, learning_rate):
+def update(optimizer, grads, variables, learning_rate, update_each_variable):
     """`optimizer._update(grads, variables, learning_rate)` under the
-    MirroredStrategy in scope."""
+    strategy in scope; `update_each_variable` is Keras's update of the
+    variables one at a time (`update_step`), for strategies other than
+    MirroredStrategy."""
     import tensorflow as tf
 
+    if not is_mirrored(tf.distribute.get_strategy()):
+        update_each_variable(grads, variables, learning_rate)
+        return
     # The backend variables: a raw `tf.Variable` is one already.
     variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
     pairs = optimizer._all_reduce_sum_gradients(list(zip(grads, variables)))
@@ -68,7 +76,8 @@ def _update_in_two_passes(optimizer, strategy, grads, variables, learning_rate):
         batches = optimizer._momentum_update(muon)
         # In an update context Newton–Schulz is not split: this is the split.
         shares = [
-            optimizer._orthogonalize(share(batch.blocks, replica, replicas)) for batch in batches
+            optimizer._orthogonalize(batch._replace(blocks=share(batch.blocks, replica, replicas)))
+            for batch in batches
         ]
         passes[replica] = batches, shares, learning_rate
 

@@ -1,0 +1,1 @@
+"""Monitoring a Muon run: what `MuonMonitor` measures, and the callback."""
