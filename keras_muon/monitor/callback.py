@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_muon.arguments import boolean
 from keras_muon.arguments import positive_integer
 from keras_muon.monitor import statistics
 from keras_muon.muon import Muon
@@ -113,7 +114,7 @@ class MuonMonitor(keras.callbacks.Callback):
                 )
         self.singular_values_every = singular_values_every
         self.sample_blocks = positive_integer("sample_blocks", sample_blocks)
-        self.per_variable = per_variable
+        self.per_variable = boolean("per_variable", per_variable)
         unknown = [name for name in progress_bar if name not in METRICS]
         if unknown:
             raise ValueError(
@@ -125,6 +126,7 @@ class MuonMonitor(keras.callbacks.Callback):
         self._step = 0  # steps begun, over the whole run
         self._pending = None  # the measured step, until it is measured
         self._before = None
+        self._routes = None  # route → its trained variables, once known
         self.values = {}  # the last measurement: metric → value
         self.history = {"step": []}  # every measurement: metric → list
         self.variable_ratios = {}  # path → the last update_ratio of the variable
@@ -225,7 +227,9 @@ class MuonMonitor(keras.callbacks.Callback):
     def _update_statistics(self, optimizer, ratios):
         before, _ = self._before
         values = {}
-        for name, variables in _by_route(optimizer, self._model).items():
+        if not self._routes:  # routes do not change during training
+            self._routes = _by_route(optimizer, self._model)
+        for name, variables in self._routes.items():
             paths = [variable_path(v) for v in variables]
             after = [_value(v) for v in variables]
             updates = [a - before[p] for a, p in zip(after, paths)]

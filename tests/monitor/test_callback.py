@@ -82,7 +82,7 @@ JIT = [False] if BACKEND == "torch" else [False, True]
 @pytest.mark.parametrize("jit_compile", JIT)
 def test_update_statistics_are_those_of_the_weight_change_of_the_step(jit_compile):
     optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
-    monitor = keras_muon.MuonMonitor(every=2, singular_values_every=None)
+    monitor = keras_muon.MuonMonitor(every=2, singular_values_every=None, per_variable=True)
     _, history, recorder = fit(optimizer, monitor, jit_compile=jit_compile)
     groups = {}
     for row in optimizer.routing_table():
@@ -92,6 +92,11 @@ def test_update_statistics_are_those_of_the_weight_change_of_the_step(jit_compil
         assert history.history[name] == [pytest.approx(want, rel=1e-4)], name
     assert history.history["muon_non_finite"] == history.history["adamw_non_finite"] == [0]
     assert "ns_min_singular_value" not in history.history
+    # per_variable=True: each variable's own ratio in the epoch logs.
+    for path in groups["muon"] + groups["adamw"]:
+        update = recorder.after[path] - recorder.before[path]
+        want = np.sqrt(np.mean(update**2) / np.mean(recorder.after[path] ** 2))
+        assert history.history[f"update_ratio/{path}"] == [pytest.approx(want, rel=1e-4)], path
     # The progress bar gets the chosen metric once the first measured step
     # (the second) has been measured, as the third begins.
     shown = [sorted(k for k in logs if "_" in k) for logs in recorder.batch_logs]
@@ -236,6 +241,7 @@ def test_only_measured_steps_sync_the_training_state():
         ({"every": 2.0}, "`every` must be an integer >= 1"),
         ({"every": 10, "singular_values_every": 15}, "multiple of `every`"),
         ({"sample_blocks": -1}, "`sample_blocks`"),
+        ({"per_variable": 1}, "`per_variable` must be True or False"),
         (
             {"progress_bar": ["update_ratio"]},
             "Unknown `progress_bar` metrics ['update_ratio']",
