@@ -8,6 +8,7 @@ host, so a measurement costs a few transfers, not one per variable.
 import numpy as np
 from keras import ops
 
+from keras_muon.update import rule
 from keras_muon.update.newton_schulz import msign
 
 
@@ -62,12 +63,11 @@ def route_statistics(sizes, update_squares, weight_squares):
 
 def orthogonalized_direction(momentum_before, momentum_after, beta, nesterov):
     """The direction `N` that Muon orthogonalized in the step that took its
-    momentum from `M₀` to `M₁ = β·M₀ + G`: `β·M₁ + G` with Nesterov
-    momentum, `M₁` without. The gradient is recovered as `M₁ − β·M₀`."""
-    if not nesterov:
-        return momentum_after
+    momentum from `M₀` to `M₁ = β·M₀ + G`: the gradient is recovered as
+    `G = M₁ − β·M₀`, and `N` follows from it as in the update
+    (`rule.momentum_and_direction`)."""
     gradient = momentum_after - beta * momentum_before
-    return beta * momentum_after + gradient
+    return rule.momentum_and_direction(momentum_before, gradient, beta, nesterov)[1]
 
 
 def sample(count, total):

@@ -98,6 +98,12 @@ def hyperball(weights, update, radius, lr):
     return ops.multiply(moved, radius * _inverse_sqrt(_squared_norm(moved)))
 
 
+def block_norms(blocks):
+    """The Frobenius norm of each block of `(num_blocks, d_in, d_out)`, as
+    `(num_blocks,)`: Hyperball's radii when the optimizer is built."""
+    return ops.reshape(ops.sqrt(_squared_norm(blocks)), (-1,))
+
+
 def checked_weight_decay(weight_decay, hyperball):
     """`(weight decay of Muon's variables, hyperball)` from the arguments:
     no weight decay under Hyperball, whose radius replaces it; a ValueError

@@ -12,6 +12,7 @@ from keras import ops
 from keras_muon.naming import is_lora_factor
 from keras_muon.naming import state_name
 from keras_muon.naming import variable_path
+from keras_muon.update.rule import block_norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ def add_radius(optimizer, variable, view):
     path = variable_path(variable)
     with _eager_scope():
         blocks = view.to_blocks(ops.cast(variable, "float32"))
-        norms = ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(blocks), axis=(1, 2))))
+        norms = ops.convert_to_numpy(block_norms(blocks))
     if not (norms > 0).all():
         raise ValueError(
             f"`hyperball=True` keeps each Muon matrix at its norm, but {path} "

@@ -136,3 +136,9 @@ def test_checked_scale_names_the_argument():
         rule.checked_scale("adam", rule.DEFAULT_RMS_RATE)
     with pytest.raises(ValueError, match="rms_rate"):
         rule.checked_scale("mup", 0.3)
+
+
+def test_block_norms_are_the_frobenius_norm_of_each_block():
+    blocks = np.random.default_rng(5).normal(size=(3, 4, 6)).astype("float32")
+    norms = ops.convert_to_numpy(rule.block_norms(blocks))
+    np.testing.assert_allclose(norms, np.linalg.norm(blocks.astype(np.float64), axis=(1, 2)), rtol=1e-6)
