@@ -59,18 +59,46 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--devices", type=positive_int, default=8, help="simulated CPU devices without accelerators (default 8)")
-    parser.add_argument("--width", type=positive_int, default=256, help="model width d (default 256)")
-    parser.add_argument("--depth", type=positive_int, default=2, help="transformer blocks (default 2)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="global batch, sequences per step (default 32)")
-    parser.add_argument("--sequence-length", type=positive_int, default=64, help="tokens per sequence (default 64)")
-    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)")
-    parser.add_argument("--steps", type=positive_int, default=4, help="train steps per timed round (default 4)")
     parser.add_argument(
-        "--models", nargs="+", choices=list(MODELS.values()), default=list(MODELS.values()),
+        "--devices",
+        type=positive_int,
+        default=8,
+        help="simulated CPU devices without accelerators (default 8)",
+    )
+    parser.add_argument(
+        "--width", type=positive_int, default=256, help="model width d (default 256)"
+    )
+    parser.add_argument(
+        "--depth", type=positive_int, default=2, help="transformer blocks (default 2)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="global batch, sequences per step (default 32)",
+    )
+    parser.add_argument(
+        "--sequence-length", type=positive_int, default=64, help="tokens per sequence (default 64)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=4, help="train steps per timed round (default 4)"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS.values()),
+        default=list(MODELS.values()),
         help="the models to measure (default both: the char transformer and Mixtral)",
     )
-    parser.add_argument("--output", type=Path, default=Path("results"), help="folder for the JSON (default ./results)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("results"),
+        help="folder for the JSON (default ./results)",
+    )
     args = parser.parse_args(argv)
     if args.width % HEAD_SIZE:
         parser.error(f"--width must be a multiple of the head size {HEAD_SIZE}")
@@ -95,7 +123,9 @@ def measure(args):
 
     devices = keras.distribution.list_devices()
     if args.batch_size % len(devices):
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {len(devices)} devices")
+        raise ValueError(
+            f"--batch-size {args.batch_size} is not divisible by {len(devices)} devices"
+        )
     rng = np.random.default_rng(0)
     tokens = rng.integers(
         0, char_transformer.VOCABULARY, (args.batch_size * args.steps, args.sequence_length + 1)
@@ -124,7 +154,9 @@ def measure(args):
             key = model_name, placement, name
             calls[key] = train
             devices_here = math.prod(distribution.device_mesh.shape)
-            compiled = compiled_update(distribution, build, lambda m, name=name: make_optimizer(name, m))
+            compiled = compiled_update(
+                distribution, build, lambda m, name=name: make_optimizer(name, m)
+            )
             cost = compiled.cost_analysis()
             rows[key] = {
                 "model": model_name,
@@ -186,9 +218,14 @@ def placements(args, devices):
         import keras_hub
 
         backbone = keras_hub.models.MixtralBackbone(
-            vocabulary_size=char_transformer.VOCABULARY, num_layers=args.depth,
-            num_query_heads=args.width // HEAD_SIZE, num_key_value_heads=args.width // HEAD_SIZE,
-            hidden_dim=args.width, intermediate_dim=2 * args.width, num_experts=n, top_k=2,
+            vocabulary_size=char_transformer.VOCABULARY,
+            num_layers=args.depth,
+            num_query_heads=args.width // HEAD_SIZE,
+            num_key_value_heads=args.width // HEAD_SIZE,
+            hidden_dim=args.width,
+            intermediate_dim=2 * args.width,
+            num_experts=n,
+            top_k=2,
         )
         tokens = keras.Input((args.sequence_length,), dtype="int32")
         inputs = {"token_ids": tokens, "padding_mask": keras.ops.ones_like(tokens)}
@@ -199,12 +236,28 @@ def placements(args, devices):
     split = ("keras.optimizers.AdamW", "keras_muon.Muon")
     return [
         ("char transformer", "one device", one, transformer, split),
-        ("char transformer", f"DataParallel, {n} devices", keras.distribution.DataParallel(devices=devices), transformer, OPTIMIZERS),
-        ("char transformer", f"fully sharded, {n} devices",
-         keras.distribution.ModelParallel(layout_map=fully_sharded, batch_dim_name="model"), transformer, split),
+        (
+            "char transformer",
+            f"DataParallel, {n} devices",
+            keras.distribution.DataParallel(devices=devices),
+            transformer,
+            OPTIMIZERS,
+        ),
+        (
+            "char transformer",
+            f"fully sharded, {n} devices",
+            keras.distribution.ModelParallel(layout_map=fully_sharded, batch_dim_name="model"),
+            transformer,
+            split,
+        ),
         ("Mixtral", "one device", one, mixtral, split),
-        ("Mixtral", f"expert parallel, {n} devices",
-         keras.distribution.ModelParallel(layout_map=experts, batch_dim_name="model"), mixtral, split),
+        (
+            "Mixtral",
+            f"expert parallel, {n} devices",
+            keras.distribution.ModelParallel(layout_map=experts, batch_dim_name="model"),
+            mixtral,
+            split,
+        ),
     ]
 
 
@@ -213,8 +266,10 @@ def peak_bytes(memory):
     analysis: its arguments, its outputs that do not alias them, and its
     scratch space."""
     return (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
     )
 
 
@@ -254,7 +309,9 @@ def compiled_update(distribution, build, optimizer):
 def update_flops(distribution, build, name):
     """The FLOPs one device executes in a compiled `optimizer.apply` under
     `distribution`, from XLA's cost analysis."""
-    cost = compiled_update(distribution, build, lambda model: make_optimizer(name, model)).cost_analysis()
+    cost = compiled_update(
+        distribution, build, lambda model: make_optimizer(name, model)
+    ).cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
@@ -290,29 +347,52 @@ def print_table(result):
     print(f"\n{result['versions']}, {result['setting']}, {result['devices']}, {result['machine']}")
     rows = result["rows"]
     by_key = {(row["model"], row["placement"], row["optimizer"]): row for row in rows}
-    header = ("model", "placement", "optimizer", "step ms", "× AdamW", "update GFLOP/device",
-              "× one device", "NS GFLOP/device", "update MB/device", "× AdamW", "collectives",
-              f"same at ns_steps {2 * NS_STEPS}")
+    header = (
+        "model",
+        "placement",
+        "optimizer",
+        "step ms",
+        "× AdamW",
+        "update GFLOP/device",
+        "× one device",
+        "NS GFLOP/device",
+        "update MB/device",
+        "× AdamW",
+        "collectives",
+        f"same at ns_steps {2 * NS_STEPS}",
+    )
     lines = [header]
     for row in rows:
         adamw = by_key[row["model"], row["placement"], OPTIMIZERS[0]]
         single = by_key[row["model"], "one device", row["optimizer"].removesuffix(", unsplit")]
         flops = row["update flops per device"]
-        lines.append((
-            row["model"], row["placement"], row["optimizer"],
-            f"{1e3 * row['train step seconds']:.1f}",
-            f"{row['train step seconds'] / adamw['train step seconds']:.2f}",
-            f"{flops / 1e9:.3f}",
-            f"{flops / single['update flops per device']:.3f}",
-            f"{row['ns flops per device'] / 1e9:.3f}",
-            f"{row['update bytes per device'] / 1e6:.2f}",
-            f"{row['update bytes per device'] / adamw['update bytes per device']:.2f}",
-            ", ".join(f"{count} {kind}" for kind, count in sorted(row["collectives"].items())) or "none",
-            "yes" if row["collectives"] == row[f"collectives, ns_steps {2 * NS_STEPS}"] else "no",
-        ))
+        lines.append(
+            (
+                row["model"],
+                row["placement"],
+                row["optimizer"],
+                f"{1e3 * row['train step seconds']:.1f}",
+                f"{row['train step seconds'] / adamw['train step seconds']:.2f}",
+                f"{flops / 1e9:.3f}",
+                f"{flops / single['update flops per device']:.3f}",
+                f"{row['ns flops per device'] / 1e9:.3f}",
+                f"{row['update bytes per device'] / 1e6:.2f}",
+                f"{row['update bytes per device'] / adamw['update bytes per device']:.2f}",
+                ", ".join(f"{count} {kind}" for kind, count in sorted(row["collectives"].items()))
+                or "none",
+                "yes"
+                if row["collectives"] == row[f"collectives, ns_steps {2 * NS_STEPS}"]
+                else "no",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        print("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i < 3 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(line, widths))
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import keras_muon  # noqa: E402
 from char_transformer import char_transformer  # noqa: E402
 from common import add_text_model_flags  # noqa: E402
-from common import print_table  # noqa: E402
 from common import positive_int  # noqa: E402
+from common import print_table  # noqa: E402
 
 # setting: the monitor's arguments, or None for no monitor
 SETTINGS = {
@@ -39,10 +39,16 @@ SETTINGS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_text_model_flags(parser)
-    parser.add_argument("--steps", type=positive_int, default=100, help="steps per fit (default 100)")
-    parser.add_argument("--rounds", type=positive_int, default=5, help="fits per setting (default 5)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=100, help="steps per fit (default 100)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=5, help="fits per setting (default 5)"
+    )
     args = parser.parse_args(argv)
     keras.utils.set_random_seed(0)
     model = char_transformer(args.sequence_length, args.width, args.depth, args.heads)
@@ -68,7 +74,11 @@ def main(argv=None):
         f"{args.batch_size}×{args.sequence_length} tokens; median of {args.rounds} fits of "
         f"{args.steps} steps",
         [
-            {"setting": name, "step ms": 1000 * statistics.median(t), "× no monitor": statistics.median(t) / plain}
+            {
+                "setting": name,
+                "step ms": 1000 * statistics.median(t),
+                "× no monitor": statistics.median(t) / plain,
+            }
             for name, t in times.items()
         ],
     )

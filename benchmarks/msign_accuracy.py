@@ -20,7 +20,8 @@ import keras
 import numpy as np
 
 import keras_muon
-from keras_muon.update.newton_schulz import DTYPES, uses_gram_iteration
+from keras_muon.update.newton_schulz import DTYPES
+from keras_muon.update.newton_schulz import uses_gram_iteration
 
 SCHEDULES = ("polar_express", "you", "jordan")
 STEPS = (5, 6, 7, 8)
@@ -76,9 +77,7 @@ def main(argv=None):
     print(HEADER)
     rows = []
     for smallest in (1e-3, 1e-2):
-        x = np.stack(
-            [test_matrix(rng, *args.shape, smallest) for _ in range(args.matrices)]
-        )
+        x = np.stack([test_matrix(rng, *args.shape, smallest) for _ in range(args.matrices)])
         u, _, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
         for ns_dtype in args.ns_dtype:
             for coefficients in args.schedules:

@@ -58,17 +58,27 @@ def main(argv=None):
     parser = common.argument_parser(__doc__, steps=STEPS, learning_rate=False)
     common.add_text_model_flags(parser)
     parser.add_argument(
-        "--learning-rates", type=float, nargs="+", default=LEARNING_RATES,
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        default=LEARNING_RATES,
         help="peak learning rates, the same grid for every optimizer "
         f"(default {' '.join(map(str, LEARNING_RATES))})",
     )
     parser.add_argument(
-        "--optimizers", nargs="+", choices=list(common.OPTIMIZERS), metavar="NAME",
+        "--optimizers",
+        nargs="+",
+        choices=list(common.OPTIMIZERS),
+        metavar="NAME",
         default=list(common.OPTIMIZERS),
         help=f"optimizers to run (default all): {'; '.join(common.OPTIMIZERS)}",
     )
     parser.add_argument(
-        "--muon-option", type=option, action="append", default=[], metavar="NAME=VALUE",
+        "--muon-option",
+        type=option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="an argument of keras_muon.Muon other than learning_rate, for "
         "ablations, e.g. --muon-option weight_decay=0.1 (repeatable)",
     )
@@ -83,21 +93,44 @@ def main(argv=None):
             options = muon_options if name == MUON else {}
             print(f"{name} at peak learning rate {learning_rate:g}", flush=True)
             curves = common.train(
-                name, learning_rate, build_model, weights, data, args.steps, args.batch_size,
-                args.eval_every, char_transformer.LOSS, options, verbose=0, show_routes=False,
+                name,
+                learning_rate,
+                build_model,
+                weights,
+                data,
+                args.steps,
+                args.batch_size,
+                args.eval_every,
+                char_transformer.LOSS,
+                options,
+                verbose=0,
+                show_routes=False,
             )
             runs.append({"optimizer": name, "learning_rate": learning_rate, **curves})
-            print(f"  validation loss {curves['val_loss'][-1]:.4f}, {curves['seconds']:.1f} s", flush=True)
+            print(
+                f"  validation loss {curves['val_loss'][-1]:.4f}, {curves['seconds']:.1f} s",
+                flush=True,
+            )
 
     final = {(run["optimizer"], run["learning_rate"]): run["val_loss"][-1] for run in runs}
-    grid = [{"peak lr": lr, **{name: final[name, lr] for name in args.optimizers}} for lr in args.learning_rates]
+    grid = [
+        {"peak lr": lr, **{name: final[name, lr] for name in args.optimizers}}
+        for lr in args.learning_rates
+    ]
     best = {
-        name: min((run for run in runs if run["optimizer"] == name), key=lambda r: np.nan_to_num(r["val_loss"][-1], nan=np.inf))
+        name: min(
+            (run for run in runs if run["optimizer"] == name),
+            key=lambda r: np.nan_to_num(r["val_loss"][-1], nan=np.inf),
+        )
         for name in args.optimizers
     }
     summary = []
     for name, run in best.items():
-        row = {"optimizer": name, "best lr": run["learning_rate"], "best validation loss": run["val_loss"][-1]}
+        row = {
+            "optimizer": name,
+            "best lr": run["learning_rate"],
+            "best validation loss": run["val_loss"][-1],
+        }
         if ADAMW in best:
             target = best[ADAMW]["val_loss"][-1]
             reached = steps_to_reach(run, target)
@@ -116,7 +149,11 @@ def main(argv=None):
         setting += f", keras_muon.Muon options {muon_options}"
     common.print_table(f"final validation loss per peak learning rate ({setting})", grid)
     common.print_table("best run per optimizer", summary)
-    edge = [name for name, run in best.items() if run["learning_rate"] in (min(args.learning_rates), max(args.learning_rates))]
+    edge = [
+        name
+        for name, run in best.items()
+        if run["learning_rate"] in (min(args.learning_rates), max(args.learning_rates))
+    ]
     if edge:
         print(f"note: the best learning rate is at the edge of the grid for {', '.join(edge)}")
     path = _plot(args.output, setting, runs, best)
@@ -129,11 +166,18 @@ def _plot(output, setting, runs, best):
     pyplot = common.pyplot()
     figure, (curves_axis, grid_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
     for name, run in best.items():
-        curves_axis.plot(run["step"], run["val_loss"], label=f"{name} (lr {run['learning_rate']:g})")
+        curves_axis.plot(
+            run["step"], run["val_loss"], label=f"{name} (lr {run['learning_rate']:g})"
+        )
         points = [(r["learning_rate"], r["val_loss"][-1]) for r in runs if r["optimizer"] == name]
         grid_axis.plot(*zip(*points), marker="o", label=name)
     curves_axis.set(xlabel="step", ylabel="validation loss", title="best learning rate of each")
-    grid_axis.set(xlabel="peak learning rate", ylabel="final validation loss", xscale="log", title="learning-rate grid")
+    grid_axis.set(
+        xlabel="peak learning rate",
+        ylabel="final validation loss",
+        xscale="log",
+        title="learning-rate grid",
+    )
     for axis, values in (
         (curves_axis, [run["val_loss"] for run in best.values()]),
         (grid_axis, [[None] + [run["val_loss"][-1] for run in runs]]),

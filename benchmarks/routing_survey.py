@@ -30,36 +30,109 @@ ENCODER = dict(LM, num_heads=2, intermediate_dim=32, max_sequence_length=16)
 KERAS_HUB = {
     "GPT2CausalLM": ("GPT2Backbone", dict(ENCODER)),
     "LlamaCausalLM": ("LlamaBackbone", dict(DECODER, intermediate_dim=32)),
-    "GemmaCausalLM": ("GemmaBackbone", dict(LM, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=32)),
+    "GemmaCausalLM": (
+        "GemmaBackbone",
+        dict(LM, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=32),
+    ),
     "MixtralCausalLM": ("MixtralBackbone", dict(DECODER, intermediate_dim=12, num_experts=4)),
-    "QwenMoeCausalLM": ("QwenMoeBackbone", dict(DECODER, intermediate_dim=24, moe_intermediate_dim=12,
-                                                shared_expert_intermediate_dim=20, num_experts=4, top_k=2)),
-    "Qwen3MoeCausalLM": ("Qwen3MoeBackbone", dict(DECODER, intermediate_dim=24, moe_intermediate_dim=12,
-                                                  num_experts=4, top_k=2, head_dim=8)),
-    "Qwen3_5MoeCausalLM": ("Qwen3_5MoeBackbone", dict(DECODER, head_dim=8, moe_intermediate_dim=12,
-                                                      shared_expert_intermediate_size=20, num_experts=4, top_k=2,
-                                                      linear_num_key_heads=2, linear_num_value_heads=2,
-                                                      linear_key_head_dim=8, linear_value_head_dim=8)),
-    "GptOssCausalLM": ("GptOssBackbone", dict(DECODER, intermediate_dim=12, num_experts=4, top_k=2, head_dim=8)),
-    "Gemma4CausalLM": ("Gemma4Backbone", dict(DECODER, image_size=16, intermediate_dim=24, head_dim=8,
-                                              enable_moe_block=True, num_experts=4, expert_intermediate_dim=12,
-                                              num_experts_per_token=2)),
-    "Gemma3nCausalLM": ("Gemma3nBackbone", dict(
-        text_vocab_size=64, text_hidden_size=16, num_hidden_layers=1, pad_token_id=0,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=[32],
-        hidden_activation="gelu_approximate", layer_types=["full_attention"], sliding_window=8,
-        rope_theta=10000.0, max_position_embeddings=32, vocab_size_per_layer_input=64,
-        hidden_size_per_layer_input=4, altup_num_inputs=3, laurel_rank=2)),
+    "QwenMoeCausalLM": (
+        "QwenMoeBackbone",
+        dict(
+            DECODER,
+            intermediate_dim=24,
+            moe_intermediate_dim=12,
+            shared_expert_intermediate_dim=20,
+            num_experts=4,
+            top_k=2,
+        ),
+    ),
+    "Qwen3MoeCausalLM": (
+        "Qwen3MoeBackbone",
+        dict(
+            DECODER,
+            intermediate_dim=24,
+            moe_intermediate_dim=12,
+            num_experts=4,
+            top_k=2,
+            head_dim=8,
+        ),
+    ),
+    "Qwen3_5MoeCausalLM": (
+        "Qwen3_5MoeBackbone",
+        dict(
+            DECODER,
+            head_dim=8,
+            moe_intermediate_dim=12,
+            shared_expert_intermediate_size=20,
+            num_experts=4,
+            top_k=2,
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+    ),
+    "GptOssCausalLM": (
+        "GptOssBackbone",
+        dict(DECODER, intermediate_dim=12, num_experts=4, top_k=2, head_dim=8),
+    ),
+    "Gemma4CausalLM": (
+        "Gemma4Backbone",
+        dict(
+            DECODER,
+            image_size=16,
+            intermediate_dim=24,
+            head_dim=8,
+            enable_moe_block=True,
+            num_experts=4,
+            expert_intermediate_dim=12,
+            num_experts_per_token=2,
+        ),
+    ),
+    "Gemma3nCausalLM": (
+        "Gemma3nBackbone",
+        dict(
+            text_vocab_size=64,
+            text_hidden_size=16,
+            num_hidden_layers=1,
+            pad_token_id=0,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            intermediate_size=[32],
+            hidden_activation="gelu_approximate",
+            layer_types=["full_attention"],
+            sliding_window=8,
+            rope_theta=10000.0,
+            max_position_embeddings=32,
+            vocab_size_per_layer_input=64,
+            hidden_size_per_layer_input=4,
+            altup_num_inputs=3,
+            laurel_rank=2,
+        ),
+    ),
     "BertMaskedLM": ("BertBackbone", dict(ENCODER)),
     "RobertaMaskedLM": ("RobertaBackbone", dict(ENCODER)),
     "DistilBertMaskedLM": ("DistilBertBackbone", dict(ENCODER)),
     "AlbertMaskedLM": ("AlbertBackbone", dict(ENCODER, embedding_dim=8)),
     "ESMMaskedPLM": ("ESMBackbone", dict(ENCODER)),
-    "MoonshineBackbone": ("MoonshineBackbone", dict(
-        vocabulary_size=64, filter_dim=16, encoder_num_layers=1, decoder_num_layers=1, hidden_dim=16,
-        intermediate_dim=32, encoder_num_heads=2, decoder_num_heads=2)),
-    "RWKV7Backbone": ("RWKV7Backbone", dict(
-        hidden_size=32, head_size=16, num_layers=1, vocabulary_size=64, intermediate_dim=64)),
+    "MoonshineBackbone": (
+        "MoonshineBackbone",
+        dict(
+            vocabulary_size=64,
+            filter_dim=16,
+            encoder_num_layers=1,
+            decoder_num_layers=1,
+            hidden_dim=16,
+            intermediate_dim=32,
+            encoder_num_heads=2,
+            decoder_num_heads=2,
+        ),
+    ),
+    "RWKV7Backbone": (
+        "RWKV7Backbone",
+        dict(hidden_size=32, head_size=16, num_layers=1, vocabulary_size=64, intermediate_dim=64),
+    ),
 }
 
 # Backbones trained alone (feature extractors; contrastive or self-supervised
@@ -70,26 +143,69 @@ BACKBONES = {
     "BertBackbone": dict(ENCODER),
     "AlbertBackbone": dict(ENCODER, embedding_dim=8),
     "ElectraBackbone": dict(
-        vocab_size=64, num_layers=1, num_heads=2, hidden_dim=16, embedding_dim=16,
-        intermediate_dim=32, max_sequence_length=16),
+        vocab_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        embedding_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+    ),
     "WhisperBackbone": dict(
-        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        num_mels=8, max_encoder_sequence_length=16, max_decoder_sequence_length=16),
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_mels=8,
+        max_encoder_sequence_length=16,
+        max_decoder_sequence_length=16,
+    ),
     "ViTBackbone": dict(
-        image_shape=(16, 16, 3), patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32),
+        image_shape=(16, 16, 3), patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
+    ),
     "DINOV2Backbone": dict(
-        patch_size=4, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
-        image_shape=(16, 16, 3), position_embedding_shape=(16, 16)),
+        patch_size=4,
+        num_layers=1,
+        hidden_dim=16,
+        num_heads=2,
+        intermediate_dim=32,
+        image_shape=(16, 16, 3),
+        position_embedding_shape=(16, 16),
+    ),
     "DINOV3Backbone": dict(
-        patch_size=4, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
-        image_shape=(16, 16, 3)),
+        patch_size=4,
+        num_layers=1,
+        hidden_dim=16,
+        num_heads=2,
+        intermediate_dim=32,
+        image_shape=(16, 16, 3),
+    ),
     "SigLIPBackbone": dict(
-        vision_encoder=("SigLIPVisionEncoder", dict(
-            patch_size=4, hidden_dim=16, num_layers=1, num_heads=2, intermediate_dim=32,
-            image_shape=(16, 16, 3))),
-        text_encoder=("SigLIPTextEncoder", dict(
-            vocabulary_size=64, embedding_dim=16, hidden_dim=16, num_layers=1, num_heads=2,
-            intermediate_dim=32, max_sequence_length=8))),
+        vision_encoder=(
+            "SigLIPVisionEncoder",
+            dict(
+                patch_size=4,
+                hidden_dim=16,
+                num_layers=1,
+                num_heads=2,
+                intermediate_dim=32,
+                image_shape=(16, 16, 3),
+            ),
+        ),
+        text_encoder=(
+            "SigLIPTextEncoder",
+            dict(
+                vocabulary_size=64,
+                embedding_dim=16,
+                hidden_dim=16,
+                num_layers=1,
+                num_heads=2,
+                intermediate_dim=32,
+                max_sequence_length=8,
+            ),
+        ),
+    ),
 }
 HEAD = " + head"
 
@@ -187,9 +303,7 @@ def differences(old, new):
         if name not in old:
             continue
         changed[name] = [
-            (before, after)
-            for before, after in zip(old[name], rows)
-            if before[1:4] != after[1:4]
+            (before, after) for before, after in zip(old[name], rows) if before[1:4] != after[1:4]
         ]
     return changed
 
@@ -209,7 +323,9 @@ def main(argv=None):
     print("|" + "---|" * len(header))
     for name, rows in results.items():
         print("| " + " | ".join(str(cell) for cell in summary_row(name, rows)) + " |")
-    alone_and_under_a_head = [n for n in results if n.endswith(HEAD) and n.removesuffix(HEAD) in results]
+    alone_and_under_a_head = [
+        n for n in results if n.endswith(HEAD) and n.removesuffix(HEAD) in results
+    ]
     if alone_and_under_a_head:
         print("\nBackbones alone: routes that differ from the same backbone under a head")
         for name in alone_and_under_a_head:
@@ -218,7 +334,9 @@ def main(argv=None):
             differ = [row for row in alone if row[1] != under_head[row[0]][1]]
             print(f"{name.removesuffix(HEAD)}: {len(differ)}")
             for row in differ:
-                print(f"  {row[0]}: {row[1]} alone ({row[4]}), {under_head[row[0]][1]} under a head")
+                print(
+                    f"  {row[0]}: {row[1]} alone ({row[4]}), {under_head[row[0]][1]} under a head"
+                )
     if args.save:
         with open(args.save, "w") as f:
             json.dump(results, f)
@@ -229,8 +347,10 @@ def main(argv=None):
         for name, changes in differences(old, results).items():
             print(f"{name}: {len(changes)}")
             for before, after in changes:
-                print(f"  {after[0]}: {before[1]} {before[2]}×{before[3]} -> "
-                      f"{after[1]} {after[2]}×{after[3]} ({after[4]})")
+                print(
+                    f"  {after[0]}: {before[1]} {before[2]}×{before[3]} -> "
+                    f"{after[1]} {after[2]}×{after[3]} ({after[4]})"
+                )
     return results
 
 

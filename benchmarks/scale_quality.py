@@ -140,9 +140,7 @@ def windows(text, count, length, stream, seed):
     """`count` next-byte pairs `(x, y)` of `length` bytes at random offsets
     of `text`, drawn from the random stream `(seed, stream)`, in GPT2CausalLM's
     input format."""
-    starts = np.random.default_rng([seed, stream]).integers(
-        0, len(text) - length, size=count
-    )
+    starts = np.random.default_rng([seed, stream]).integers(0, len(text) - length, size=count)
     rows = text[starts[:, None] + np.arange(length + 1)]
     return keras_hub_gpt2.with_padding_mask(
         (rows[:, :-1].astype("int32"), rows[:, 1:].astype("int32"))
@@ -152,15 +150,9 @@ def windows(text, count, length, stream, seed):
 def parse(argv):
     parser = common.argument_parser(__doc__, steps=STEPS, learning_rate=False)
     positive = common.positive_int
-    parser.add_argument(
-        "--layers", type=positive, default=8, help="transformer blocks (default 8)"
-    )
-    parser.add_argument(
-        "--width", type=positive, default=512, help="model width (default 512)"
-    )
-    parser.add_argument(
-        "--heads", type=positive, default=8, help="attention heads (default 8)"
-    )
+    parser.add_argument("--layers", type=positive, default=8, help="transformer blocks (default 8)")
+    parser.add_argument("--width", type=positive, default=512, help="model width (default 512)")
+    parser.add_argument("--heads", type=positive, default=8, help="attention heads (default 8)")
     parser.add_argument(
         "--seq-len", type=positive, default=512, help="bytes per sequence (default 512)"
     )
@@ -212,13 +204,9 @@ def parse(argv):
     if keras.backend.backend() != "jax":
         parser.error("runs on the JAX backend: set KERAS_BACKEND=jax")
     if args.width % args.heads:
-        parser.error(
-            f"--width ({args.width}) must be a multiple of --heads ({args.heads})"
-        )
+        parser.error(f"--width ({args.width}) must be a multiple of --heads ({args.heads})")
     if args.time_budget is not None and args.eval_every is not None:
-        parser.error(
-            "--time-budget sets --steps, and --eval-every to a twentieth of it"
-        )
+        parser.error("--time-budget sets --steps, and --eval-every to a twentieth of it")
     if args.plan and args.time_budget is None:
         parser.error("--plan prints the plan for --time-budget: give one")
     return args
@@ -274,9 +262,7 @@ def plan(args, runs, elapsed, step, evaluation, overhead):
         {"measured": "building and compiling one run", "seconds": overhead},
         {"measured": "spent so far (data, weights, this timing)", "seconds": elapsed},
     ]
-    common.print_table(
-        f"timing of {PROBED}, {args.batch}×{args.seq_len} bytes per step", rows
-    )
+    common.print_table(f"timing of {PROBED}, {args.batch}×{args.seq_len} bytes per step", rows)
     if steps < EVALUATIONS:
         raise SystemExit(
             f"{runs} runs do not fit in --time-budget {args.time_budget:g} s: each needs "
@@ -304,9 +290,7 @@ def main(argv=None):
 
 def run(args, started):
     (train_text, train_files), (held_out_text, held_out_files) = stdlib_bytes()
-    validation = windows(
-        held_out_text, args.validation_size, args.seq_len, 1, args.seed
-    )
+    validation = windows(held_out_text, args.validation_size, args.seq_len, 1, args.seed)
 
     def build_model():
         return keras_hub_gpt2.gpt2(args.seq_len, args.width, args.layers, args.heads)
@@ -325,9 +309,7 @@ def run(args, started):
     runs_planned = sum(len(GRIDS[name]) for name in args.optimizers)
     timing = None
     if args.time_budget is not None:
-        probe = windows(
-            train_text, (PROBE_STEPS + 1) * args.batch, args.seq_len, 2, args.seed
-        )
+        probe = windows(train_text, (PROBE_STEPS + 1) * args.batch, args.seq_len, 2, args.seed)
         measured = measure(args, build_model, weights, validation, probe)
         timing = plan(args, runs_planned, time.perf_counter() - started, *measured)
         if args.plan:
@@ -335,9 +317,7 @@ def run(args, started):
         args.steps = timing["steps"]
     eval_every = args.eval_every or common.evaluation_interval(args.steps, EVALUATIONS)
     if args.steps % eval_every:
-        raise SystemExit(
-            f"--eval-every ({eval_every}) must divide --steps ({args.steps})"
-        )
+        raise SystemExit(f"--eval-every ({eval_every}) must divide --steps ({args.steps})")
     data = (
         windows(train_text, args.steps * args.batch, args.seq_len, 0, args.seed),
         validation,
@@ -353,10 +333,7 @@ def run(args, started):
         "jax": jax.__version__,
         "python": platform.python_version(),
         "parameters": parameters,
-        **{
-            name: getattr(args, name)
-            for name in ("layers", "width", "heads", "seq_len", "batch")
-        },
+        **{name: getattr(args, name) for name in ("layers", "width", "heads", "seq_len", "batch")},
         "steps": args.steps,
         "eval_every": eval_every,
         "tokens per run": args.steps * tokens_per_step,
@@ -395,9 +372,7 @@ def run(args, started):
                 f"  validation loss {curves['val_loss'][-1]:.4f}, {curves['run seconds']:.1f} s",
                 flush=True,
             )
-            common.save_json(
-                args.output, "scale_quality", {"setting": setting, "runs": runs}
-            )
+            common.save_json(args.output, "scale_quality", {"setting": setting, "runs": runs})
     return report(args, setting, runs)
 
 
@@ -428,20 +403,10 @@ def report(args, setting, runs):
         }
         if ADAMW in best:
             target = best[ADAMW]["val_loss"][-1]
-            reached, adamw = (
-                quality.steps_to_reach(r, target) for r in (run, best[ADAMW])
-            )
-            tokens = (
-                None
-                if reached is None
-                else reached * setting["batch"] * setting["seq_len"]
-            )
-            row["tokens to AdamW's best (M)"] = (
-                "never" if tokens is None else tokens / 1e6
-            )
-            row["fraction of AdamW's tokens"] = (
-                "-" if reached is None else reached / adamw
-            )
+            reached, adamw = (quality.steps_to_reach(r, target) for r in (run, best[ADAMW]))
+            tokens = None if reached is None else reached * setting["batch"] * setting["seq_len"]
+            row["tokens to AdamW's best (M)"] = "never" if tokens is None else tokens / 1e6
+            row["fraction of AdamW's tokens"] = "-" if reached is None else reached / adamw
         summary.append(row)
     title = (
         f"{setting['parameters'] / 1e6:.1f}M-parameter GPT2CausalLM, {setting['steps']} steps of "
@@ -454,13 +419,10 @@ def report(args, setting, runs):
     edge = [
         name
         for name, run in best.items()
-        if len(GRIDS[name]) > 2
-        and run["learning_rate"] in (min(GRIDS[name]), max(GRIDS[name]))
+        if len(GRIDS[name]) > 2 and run["learning_rate"] in (min(GRIDS[name]), max(GRIDS[name]))
     ]
     if edge:
-        print(
-            f"note: the best learning rate is at the edge of the grid for {', '.join(edge)}"
-        )
+        print(f"note: the best learning rate is at the edge of the grid for {', '.join(edge)}")
     common.save_json(
         args.output,
         "scale_quality",
@@ -477,14 +439,8 @@ def plot(output, title, runs, best):
     figure, (curves_axis, grid_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
     for name, run in best.items():
         tokens = [count / 1e6 for count in run["tokens"]]
-        curves_axis.plot(
-            tokens, run["val_loss"], label=f"{name} (lr {run['learning_rate']:g})"
-        )
-        points = [
-            (r["learning_rate"], r["val_loss"][-1])
-            for r in runs
-            if r["optimizer"] == name
-        ]
+        curves_axis.plot(tokens, run["val_loss"], label=f"{name} (lr {run['learning_rate']:g})")
+        points = [(r["learning_rate"], r["val_loss"][-1]) for r in runs if r["optimizer"] == name]
         grid_axis.plot(*zip(*points), marker="o", label=name)
     curves_axis.set(
         xlabel="training tokens (millions)",

@@ -56,36 +56,69 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--backend", choices=(*BACKENDS, "all"), default=os.environ.get("KERAS_BACKEND", "jax"),
+        "--backend",
+        choices=(*BACKENDS, "all"),
+        default=os.environ.get("KERAS_BACKEND", "jax"),
         help="Keras backend, or all three (default: $KERAS_BACKEND, else jax)",
     )
-    parser.add_argument("--widths", type=positive_int, nargs="+", default=[256, 512], help="model widths d (default 256 512)")
-    parser.add_argument("--depth", type=positive_int, default=2, help="transformer blocks (default 2)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step (default 32)")
-    parser.add_argument("--sequence-length", type=positive_int, default=128, help="tokens per sequence (default 128)")
-    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)")
-    parser.add_argument("--steps", type=positive_int, default=4, help="train steps per timed round (default 4)")
+    parser.add_argument(
+        "--widths",
+        type=positive_int,
+        nargs="+",
+        default=[256, 512],
+        help="model widths d (default 256 512)",
+    )
+    parser.add_argument(
+        "--depth", type=positive_int, default=2, help="transformer blocks (default 2)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="sequences per step (default 32)"
+    )
+    parser.add_argument(
+        "--sequence-length",
+        type=positive_int,
+        default=128,
+        help="tokens per sequence (default 128)",
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=4, help="train steps per timed round (default 4)"
+    )
     parser.add_argument(
         # keras_muon's DTYPES, not imported: keras waits for the backend chosen here.
-        "--ns-dtype", choices=("float32", "tf32", "bfloat16", "float16"), default="float32",
+        "--ns-dtype",
+        choices=("float32", "tf32", "bfloat16", "float16"),
+        default="float32",
         help="keras_muon's Newton–Schulz precision, its ns_dtype (default float32)",
     )
     jit = parser.add_mutually_exclusive_group()
     jit.add_argument(
-        "--jit-compile", action="store_true",
+        "--jit-compile",
+        action="store_true",
         help="compile the train step with jit_compile=True (on torch: torch.compile)",
     )
     jit.add_argument(
-        "--no-jit-compile", action="store_true",
+        "--no-jit-compile",
+        action="store_true",
         help="jit_compile=False (TensorFlow's tf.function without XLA, which Keras's "
         "default picks on CPUs only)",
     )
     parser.add_argument(
-        "--optimizers", nargs="+", metavar="NAME", default=None,
+        "--optimizers",
+        nargs="+",
+        metavar="NAME",
+        default=None,
         help="optimizers to measure, names as examples/common.py's OPTIMIZERS "
         "(default: all of them; AdamW is always measured)",
     )
-    parser.add_argument("--output", type=Path, default=Path("results"), help="folder for the JSON (default ./results)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("results"),
+        help="folder for the JSON (default ./results)",
+    )
     args = parser.parse_args(argv)
     if any(width % HEAD_SIZE for width in args.widths):
         parser.error(f"--widths must be multiples of the head size {HEAD_SIZE}")
@@ -114,8 +147,7 @@ def run_each_backend(args, argv):
         command = [sys.executable, __file__, "--backend", backend, *forwarded]
         subprocess.run(command, env=env, check=True)
     results = [
-        json.loads((args.output / f"step_time_{backend}.json").read_text())
-        for backend in BACKENDS
+        json.loads((args.output / f"step_time_{backend}.json").read_text()) for backend in BACKENDS
     ]
     print("\nAll backends")
     for result in results:
@@ -139,7 +171,13 @@ def measure_backend(args):
             f"depth {args.depth}, batch {args.batch_size}×{args.sequence_length} "
             f"tokens, {args.rounds} rounds of {args.steps} train steps, "
             f"keras_muon Newton–Schulz in {args.ns_dtype}"
-            + (", jit_compile=True" if args.jit_compile else ", jit_compile=False" if args.no_jit_compile else "")
+            + (
+                ", jit_compile=True"
+                if args.jit_compile
+                else ", jit_compile=False"
+                if args.no_jit_compile
+                else ""
+            )
         ),
         "widths": {},
     }
@@ -154,7 +192,9 @@ def measure_backend(args):
             args.sequence_length, width, args.depth, width // HEAD_SIZE
         )
         rng = np.random.default_rng(0)
-        tokens = rng.integers(0, char_transformer.VOCABULARY, (args.batch_size * args.steps, args.sequence_length + 1))
+        tokens = rng.integers(
+            0, char_transformer.VOCABULARY, (args.batch_size * args.steps, args.sequence_length + 1)
+        )
         x, y = tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32")
         rows = {}
         train_calls, update_calls = {}, {}
@@ -163,7 +203,10 @@ def measure_backend(args):
             optimizer = make_optimizer(name, model, args.ns_dtype)
             jit_compile = True if args.jit_compile else False if args.no_jit_compile else "auto"
             model.compile(optimizer=optimizer, jit_compile=jit_compile, **char_transformer.LOSS)
-            batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
+            batches = [
+                (x[i : i + args.batch_size], y[i : i + args.batch_size])
+                for i in range(0, len(x), args.batch_size)
+            ]
 
             def train(model=model, batches=batches):
                 for batch in batches:
@@ -240,7 +283,9 @@ def update_call(name, model, ns_dtype):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        step = synced(tf.function(lambda: optimizer.apply(grads, variables), jit_compile=model.jit_compile))
+        step = synced(
+            tf.function(lambda: optimizer.apply(grads, variables), jit_compile=model.jit_compile)
+        )
         step()
         return step
     return synced(optimizer.apply, grads, variables)
@@ -282,9 +327,7 @@ def interleaved_medians(calls, rounds):
 def state_bytes(optimizer):
     import numpy as np
 
-    return sum(
-        int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in optimizer.variables
-    )
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in optimizer.variables)
 
 
 def ns_flops(optimizer, model):
@@ -368,7 +411,9 @@ def ns_throughput(model, rounds, ns_dtype):
         s = np.linalg.qr(rng.standard_normal((blocks, r, r)))[0]
         # Momentums are float32; the iteration casts them to `ns_dtype`.
         x = ops.convert_to_tensor(x.astype("float32"))
-        rows, s = (ops.convert_to_tensor(v.astype("float32"), iterate_dtype(ns_dtype)) for v in (rows, s))
+        rows, s = (
+            ops.convert_to_tensor(v.astype("float32"), iterate_dtype(ns_dtype)) for v in (rows, s)
+        )
         calls = {
             "newton_schulz": synced(compiled(lambda x: newton_schulz(x, schedule, ns_dtype)), x),
             "products": synced(compiled(products), rows, s),
@@ -433,7 +478,9 @@ def synced(function, *inputs):
 
 
 def print_tables(result):
-    print(f"\nbackend {result['backend']} ({result['versions']}), {result['setting']}, {result['machine']}")
+    print(
+        f"\nbackend {result['backend']} ({result['versions']}), {result['setting']}, {result['machine']}"
+    )
     names = {name for entry in result["widths"].values() for name in entry["optimizers"]}
     column = max(len(name) for name in names)
     print(

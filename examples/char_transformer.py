@@ -84,7 +84,9 @@ def main(argv=None):
     parser = common.argument_parser(__doc__, steps=300)
     common.add_text_model_flags(parser)
     parser.add_argument(
-        "--monitor", type=common.positive_int, metavar="N",
+        "--monitor",
+        type=common.positive_int,
+        metavar="N",
         help="measure each run with keras_muon.MuonMonitor every N steps and plot its curves",
     )
     args = parser.parse_args(argv)
@@ -94,17 +96,30 @@ def main(argv=None):
     def train_one(name, peak):
         callbacks = []
         if args.monitor:
-            monitors[name] = keras_muon.MuonMonitor(every=args.monitor, singular_values_every=args.monitor)
+            monitors[name] = keras_muon.MuonMonitor(
+                every=args.monitor, singular_values_every=args.monitor
+            )
             callbacks.append(monitors[name])
         return common.train(
-            name, peak, model_builder(args), weights, data, args.steps,
-            args.batch_size, args.eval_every, LOSS, callbacks=callbacks,
+            name,
+            peak,
+            model_builder(args),
+            weights,
+            data,
+            args.steps,
+            args.batch_size,
+            args.eval_every,
+            LOSS,
+            callbacks=callbacks,
         )
 
     rows = common.compare(
-        args, "char_transformer",
+        args,
+        "char_transformer",
         f"char transformer, {args.steps} steps of {args.batch_size}×{args.sequence_length} bytes",
-        train_one, {"validation loss": "val_loss"}, ["val_loss", "loss"],
+        train_one,
+        {"validation loss": "val_loss"},
+        ["val_loss", "loss"],
     )
     if monitors:
         print(f"plot: {plot_monitor(args.output, {n: m.history for n, m in monitors.items()})}")
@@ -122,14 +137,19 @@ def plot_monitor(output, histories):
         "the rest (embeddings, head, biases, norms): ΔW RMS / W RMS": {"adamw_update_ratio": ""},
         "hidden matrices: weight RMS": {"muon_weight_rms": ""},
         "Newton–Schulz output: extreme singular values": {
-            "ns_min_singular_value": ", smallest", "ns_max_singular_value": ", largest",
+            "ns_min_singular_value": ", smallest",
+            "ns_max_singular_value": ", largest",
         },
     }
     figure, axes = pyplot.subplots(2, 2, figsize=(11, 7))
     for axis, (title, metrics) in zip(axes.flat, panels.items()):
         for name, history in histories.items():
             for metric, suffix in metrics.items():
-                points = [(s, v) for s, v in zip(history["step"], history.get(metric, [])) if v is not None]
+                points = [
+                    (s, v)
+                    for s, v in zip(history["step"], history.get(metric, []))
+                    if v is not None
+                ]
                 if points:
                     axis.plot(*zip(*points), label=name + suffix)
         axis.set_title(title, fontsize=9)

@@ -28,9 +28,7 @@ OPTIMIZERS = {
         keras_muon.NorMuon, neuron_axis="output"
     ),
     "keras_muon.AdaMuon": keras_muon.AdaMuon,
-    "keras_muon.AdaMuon sign_input=False": functools.partial(
-        keras_muon.AdaMuon, sign_input=False
-    ),
+    "keras_muon.AdaMuon sign_input=False": functools.partial(keras_muon.AdaMuon, sign_input=False),
     "keras_muon.Muon hyperball=True": functools.partial(keras_muon.Muon, hyperball=True),
     "keras_muon.NorMuon hyperball=True": functools.partial(keras_muon.NorMuon, hyperball=True),
 }
@@ -95,7 +93,9 @@ def evaluation_interval(steps, evaluations=12):
     return next(d for d in range(max(1, steps // evaluations), 0, -1) if steps % d == 0)
 
 
-def fit_curves(model, train, validation, steps, batch_size, eval_every, verbose="auto", callbacks=()):
+def fit_curves(
+    model, train, validation, steps, batch_size, eval_every, verbose="auto", callbacks=()
+):
     """Trains `model` (already compiled) for `steps` batches of `train`, in
     order, and evaluates it on `validation` every `eval_every` steps (None:
     `evaluation_interval(steps)`). `train` and `validation` are `(x, y)`
@@ -114,8 +114,10 @@ def fit_curves(model, train, validation, steps, batch_size, eval_every, verbose=
     # Arrays `(x, y)`, batched here; or `tf.data` pipelines, batched already.
     arrays = isinstance(train, tuple)
     initial = model.evaluate(
-        *(validation if arrays else (validation,)), batch_size=256 if arrays else None,
-        verbose=0, return_dict=True,
+        *(validation if arrays else (validation,)),
+        batch_size=256 if arrays else None,
+        verbose=0,
+        return_dict=True,
     )
     start = time.perf_counter()
     # Each Keras "epoch" is one evaluation interval; with steps_per_epoch
@@ -138,8 +140,9 @@ def fit_curves(model, train, validation, steps, batch_size, eval_every, verbose=
     return curves
 
 
-def compiled_model(name, peak, build_model, weights, steps, compile_args=None, options=None,
-                   show_routes=True):
+def compiled_model(
+    name, peak, build_model, weights, steps, compile_args=None, options=None, show_routes=True
+):
     """`build_model()` from `weights`, compiled with optimizer `name`
     (arguments `options`) on the shared schedule over `steps` peaking at
     `peak`. Prints keras_muon's routing table if `show_routes`."""
@@ -154,11 +157,26 @@ def compiled_model(name, peak, build_model, weights, steps, compile_args=None, o
     return model
 
 
-def train(name, peak, build_model, weights, data, steps, batch_size, eval_every=None,
-          compile_args=None, options=None, verbose="auto", show_routes=True, callbacks=()):
+def train(
+    name,
+    peak,
+    build_model,
+    weights,
+    data,
+    steps,
+    batch_size,
+    eval_every=None,
+    compile_args=None,
+    options=None,
+    verbose="auto",
+    show_routes=True,
+    callbacks=(),
+):
     """One run: `compiled_model(...)` trained on `data = (train,
     validation)` by `fit_curves`. Returns the curves."""
-    model = compiled_model(name, peak, build_model, weights, steps, compile_args, options, show_routes)
+    model = compiled_model(
+        name, peak, build_model, weights, steps, compile_args, options, show_routes
+    )
     return fit_curves(model, *data, steps, batch_size, eval_every, verbose, callbacks)
 
 
@@ -203,32 +221,46 @@ def argument_parser(description, steps=None, epochs=None, output="results", lear
     )
     if steps is not None:
         parser.add_argument(
-            "--steps", type=positive_int, default=steps,
+            "--steps",
+            type=positive_int,
+            default=steps,
             help=f"training steps per optimizer (default {steps})",
         )
     if epochs is not None:
         parser.add_argument(
-            "--epochs", type=positive_int, default=epochs,
+            "--epochs",
+            type=positive_int,
+            default=epochs,
             help=f"passes over the training set per optimizer (default {epochs})",
         )
     if learning_rate:
         parser.add_argument(
-            "--learning-rate", type=float, default=None,
+            "--learning-rate",
+            type=float,
+            default=None,
             help="one peak learning rate for every optimizer (default: each "
             "optimizer's own default learning rate)",
         )
         parser.add_argument(
-            "--optimizer", dest="optimizers", action="append", choices=list(OPTIMIZERS),
-            metavar="NAME", help="an optimizer to run, repeatable (default: "
+            "--optimizer",
+            dest="optimizers",
+            action="append",
+            choices=list(OPTIMIZERS),
+            metavar="NAME",
+            help="an optimizer to run, repeatable (default: "
             f"{', '.join(COMPARED)}); one of: {'; '.join(OPTIMIZERS)}",
         )
     parser.add_argument(
-        "--seed", type=int, default=0,
+        "--seed",
+        type=int,
+        default=0,
         help="seed of the initial weights and of the data order, the same "
         "for every optimizer (default 0)",
     )
     parser.add_argument(
-        "--output", type=Path, default=Path(output),
+        "--output",
+        type=Path,
+        default=Path(output),
         help=f"folder for the plot and the curves as JSON (default ./{output})",
     )
     return parser
@@ -236,18 +268,28 @@ def argument_parser(description, steps=None, epochs=None, output="results", lear
 
 def add_text_model_flags(parser):
     """Flags of the byte-level language models and their data."""
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step (default 32)")
-    parser.add_argument("--sequence-length", type=positive_int, default=64, help="bytes per sequence (default 64)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="sequences per step (default 32)"
+    )
+    parser.add_argument(
+        "--sequence-length", type=positive_int, default=64, help="bytes per sequence (default 64)"
+    )
     parser.add_argument("--width", type=positive_int, default=128, help="model width (default 128)")
-    parser.add_argument("--depth", type=positive_int, default=2, help="transformer blocks (default 2)")
+    parser.add_argument(
+        "--depth", type=positive_int, default=2, help="transformer blocks (default 2)"
+    )
     parser.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
     parser.add_argument(
-        "--eval-every", type=positive_int, default=None,
+        "--eval-every",
+        type=positive_int,
+        default=None,
         help="steps between validation passes; must divide --steps "
         "(default: about a twelfth of --steps)",
     )
     parser.add_argument(
-        "--validation-size", type=positive_int, default=512,
+        "--validation-size",
+        type=positive_int,
+        default=512,
         help="validation sequences, from the last 10%% of the text (default 512)",
     )
 
@@ -258,9 +300,17 @@ def print_table(title, rows):
     cells = [[_cell(row[column]) for column in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print(f"\n{title}")
-    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+    print(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))
+        )
+    )
     for row in cells:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+            )
+        )
 
 
 def _cell(value):

@@ -59,14 +59,23 @@ def epoch_order(train, epochs, seed):
 
 def main(argv=None):
     parser = common.argument_parser(__doc__, epochs=20)
-    parser.add_argument("--batch-size", type=common.positive_int, default=32, help="images per step (default 32)")
-    parser.add_argument("--width", type=common.positive_int, default=32, help="filters of the first convolutions (default 32)")
+    parser.add_argument(
+        "--batch-size", type=common.positive_int, default=32, help="images per step (default 32)"
+    )
+    parser.add_argument(
+        "--width",
+        type=common.positive_int,
+        default=32,
+        help="filters of the first convolutions (default 32)",
+    )
     args = parser.parse_args(argv)
 
     train, validation = digits(args.seed)
     steps_per_epoch = len(train[1]) // args.batch_size
     if not steps_per_epoch:
-        parser.error(f"--batch-size {args.batch_size} is larger than the {len(train[1])} training images")
+        parser.error(
+            f"--batch-size {args.batch_size} is larger than the {len(train[1])} training images"
+        )
     steps = args.epochs * steps_per_epoch
     train = epoch_order(train, args.epochs, args.seed)
     keras.utils.set_random_seed(args.seed)
@@ -74,8 +83,14 @@ def main(argv=None):
 
     def train_one(name, peak):
         return common.train(
-            name, peak, lambda: digits_convnet(args.width), weights, (train, validation),
-            steps, args.batch_size, steps_per_epoch,
+            name,
+            peak,
+            lambda: digits_convnet(args.width),
+            weights,
+            (train, validation),
+            steps,
+            args.batch_size,
+            steps_per_epoch,
             {
                 "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 "metrics": ["accuracy"],
@@ -83,9 +98,11 @@ def main(argv=None):
         )
 
     return common.compare(
-        args, "digits_convnet",
+        args,
+        "digits_convnet",
         f"digits convnet, {args.epochs} epochs of {steps_per_epoch} steps × {args.batch_size} images",
-        train_one, {"validation accuracy": "val_accuracy", "validation loss": "val_loss"},
+        train_one,
+        {"validation accuracy": "val_accuracy", "validation loss": "val_loss"},
         ["val_accuracy", "val_loss"],
     )
 

@@ -99,7 +99,11 @@ def sharded_variables(model):
         layout = tuple(variable.value.sharding.spec)
         if any(axis is not None for axis in layout):
             rows.append(
-                {"variable": variable.path, "shape": str(tuple(variable.shape)), "layout": str(layout)}
+                {
+                    "variable": variable.path,
+                    "shape": str(tuple(variable.shape)),
+                    "layout": str(layout),
+                }
             )
     return rows
 
@@ -108,21 +112,31 @@ def argument_parser():
     parser = common.argument_parser(__doc__, steps=200)
     common.add_text_model_flags(parser)
     parser.add_argument(
-        "--cpu-devices", type=common.positive_int, default=8,
+        "--cpu-devices",
+        type=common.positive_int,
+        default=8,
         help="devices the CPU is split into when there is no accelerator (default 8)",
     )
     parser.add_argument(
-        "--model-axis", type=common.positive_int, default=2,
+        "--model-axis",
+        type=common.positive_int,
+        default=2,
         help="devices along the model axis of the model parallel mesh; must "
         "divide the number of devices and --heads (default 2)",
     )
     parser.add_argument(
-        "--num-processes", type=common.positive_int, default=1,
+        "--num-processes",
+        type=common.positive_int,
+        default=1,
         help="processes to train as one, with --process-id and --coordinator (default 1)",
     )
-    parser.add_argument("--process-id", type=int, default=0, help="this process, from 0 (default 0)")
     parser.add_argument(
-        "--coordinator", default=None, metavar="HOST:PORT",
+        "--process-id", type=int, default=0, help="this process, from 0 (default 0)"
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
         help="the first process's address, the same for every process",
     )
     return parser
@@ -158,7 +172,9 @@ def gathered_weights(model):
     arrays gathered whole."""
     from jax.experimental import multihost_utils
 
-    return [np.asarray(multihost_utils.process_allgather(v.value, tiled=True)) for v in model.weights]
+    return [
+        np.asarray(multihost_utils.process_allgather(v.value, tiled=True)) for v in model.weights
+    ]
 
 
 def main(argv=None):
@@ -177,8 +193,13 @@ def main(argv=None):
         print(f"\n{name}")
         with distribution.scope() if distribution else contextlib.nullcontext():
             model = common.compiled_model(
-                OPTIMIZER, peak, char_transformer.model_builder(args), weights, args.steps,
-                char_transformer.LOSS, show_routes=distribution is None,
+                OPTIMIZER,
+                peak,
+                char_transformer.model_builder(args),
+                weights,
+                args.steps,
+                char_transformer.LOSS,
+                show_routes=distribution is None,
             )
             if args.num_processes > 1 and distribution is not None:
                 runs[name] = curves = fit_on_all_processes(model, args, data)
@@ -191,8 +212,9 @@ def main(argv=None):
         if distribution is None:
             one_device = trained
         elif "model" in distribution.device_mesh.axis_names and args.process_id == 0:
-            common.print_table(f"{name}: sharded variables (the others are replicated)",
-                               sharded_variables(model))
+            common.print_table(
+                f"{name}: sharded variables (the others are replicated)", sharded_variables(model)
+            )
         rows.append(
             {
                 "run": name,
@@ -213,7 +235,9 @@ def main(argv=None):
         return rows
     common.print_table(title, rows)
     common.save_json(args.output, "distributed_jax", runs)
-    print(f"\nplot: {common.plot_curves(args.output, 'distributed_jax', title, runs, ['val_loss', 'loss'])}")
+    print(
+        f"\nplot: {common.plot_curves(args.output, 'distributed_jax', title, runs, ['val_loss', 'loss'])}"
+    )
     return rows
 
 

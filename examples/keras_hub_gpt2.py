@@ -62,8 +62,14 @@ def main(argv=None):
 
     def train_one(name, peak):
         return common.train(
-            name, peak, lambda: gpt2(args.sequence_length, args.width, args.depth, args.heads),
-            weights, data, args.steps, args.batch_size, args.eval_every,
+            name,
+            peak,
+            lambda: gpt2(args.sequence_length, args.width, args.depth, args.heads),
+            weights,
+            data,
+            args.steps,
+            args.batch_size,
+            args.eval_every,
             {
                 "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 "weighted_metrics": [],
@@ -71,9 +77,12 @@ def main(argv=None):
         )
 
     return common.compare(
-        args, "keras_hub_gpt2",
+        args,
+        "keras_hub_gpt2",
         f"keras-hub GPT2CausalLM, {args.steps} steps of {args.batch_size}×{args.sequence_length} bytes",
-        train_one, {"validation loss": "val_loss"}, ["val_loss", "loss"],
+        train_one,
+        {"validation loss": "val_loss"},
+        ["val_loss", "loss"],
     )
 
 

@@ -64,21 +64,29 @@ def fine_tune_data(args):
     the first 90% of the files for training, the rest for validation."""
     data = stdlib_source_bytes()
     split = int(0.9 * len(data))
-    train = windows(data[:split], args.sequence_length, args.steps * args.batch_size, [args.seed, 2])
+    train = windows(
+        data[:split], args.sequence_length, args.steps * args.batch_size, [args.seed, 2]
+    )
     validation = windows(data[split:], args.sequence_length, args.validation_size, [args.seed, 3])
     return train, validation
 
 
 def char_model(args):
-    return char_transformer.char_transformer(args.sequence_length, args.width, args.depth, args.heads)
+    return char_transformer.char_transformer(
+        args.sequence_length, args.width, args.depth, args.heads
+    )
 
 
 def hub_model(args):
     import keras_hub
 
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=char_transformer.VOCABULARY, num_layers=args.depth, num_heads=args.heads,
-        hidden_dim=args.width, intermediate_dim=4 * args.width, dropout=0.0,
+        vocabulary_size=char_transformer.VOCABULARY,
+        num_layers=args.depth,
+        num_heads=args.heads,
+        hidden_dim=args.width,
+        intermediate_dim=4 * args.width,
+        dropout=0.0,
         max_sequence_length=args.sequence_length,
     )
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
@@ -99,7 +107,10 @@ def build(args):
         for layer in model._flatten_layers(include_self=False):
             layer.trainable = False
         for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and layer.name != "lm_head":
+            if (
+                isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+                and layer.name != "lm_head"
+            ):
                 layer.trainable = True
                 layer.enable_lora(args.rank)
 
@@ -133,8 +144,12 @@ def fine_tune(args, way, peak, weights, data, pretraining_validation):
         enable_lora()
     optimizer = common.make_optimizer(name, args.steps, peak, **options)
     model.compile(optimizer=optimizer, **char_transformer.LOSS)
-    curves = common.fit_curves(model, *data, args.steps, args.batch_size, args.eval_every, verbose=0)
-    curves["pretraining val_loss"] = model.evaluate(*pretraining_validation, batch_size=256, verbose=0)
+    curves = common.fit_curves(
+        model, *data, args.steps, args.batch_size, args.eval_every, verbose=0
+    )
+    curves["pretraining val_loss"] = model.evaluate(
+        *pretraining_validation, batch_size=256, verbose=0
+    )
     curves["trained parameters"] = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     return curves
 
@@ -142,11 +157,33 @@ def fine_tune(args, way, peak, weights, data, pretraining_validation):
 def main(argv=None):
     parser = common.argument_parser(__doc__, steps=150, learning_rate=False)
     common.add_text_model_flags(parser)
-    parser.add_argument("--pretrain-steps", type=common.positive_int, default=400, help="AdamW steps on the documentation first (default 400)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=common.positive_int,
+        default=400,
+        help="AdamW steps on the documentation first (default 400)",
+    )
     parser.add_argument("--rank", type=common.positive_int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--keras-hub", action="store_true", help="a keras-hub GPT2CausalLM with backbone.enable_lora")
-    parser.add_argument("--ways", nargs="+", choices=list(WAYS), default=list(WAYS), metavar="WAY", help=f"ways to fine-tune (default all: {'; '.join(WAYS)})")
-    parser.add_argument("--learning-rates", type=int, default=None, metavar="N", help="only the first N learning rates of each grid (default all)")
+    parser.add_argument(
+        "--keras-hub",
+        action="store_true",
+        help="a keras-hub GPT2CausalLM with backbone.enable_lora",
+    )
+    parser.add_argument(
+        "--ways",
+        nargs="+",
+        choices=list(WAYS),
+        default=list(WAYS),
+        metavar="WAY",
+        help=f"ways to fine-tune (default all: {'; '.join(WAYS)})",
+    )
+    parser.add_argument(
+        "--learning-rates",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only the first N learning rates of each grid (default all)",
+    )
     args = parser.parse_args(argv)
     weights, pretraining_validation = pretrained_weights(args)
     data = fine_tune_data(args)

@@ -49,12 +49,17 @@ def train(args, weights, data, threshold, reference):
     model.compile(optimizer=optimizer, **LOSS)
     recorder, monitor = StepRecorder(), keras_muon.QKClipMonitor()
     history = model.fit(
-        x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0,
+        x,
+        y,
+        batch_size=args.batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
         callbacks=[monitor, recorder],
     )
     curves = recorder.curves
     curves["max_logit"] = monitor.history["max_logit"]  # of every step
-    tail = curves["max_logit"][-max(1, len(curves["max_logit"]) // 10):]
+    tail = curves["max_logit"][-max(1, len(curves["max_logit"]) // 10) :]
     row = {
         "largest logit": max(curves["max_logit"]),
         "largest logit, last 10%": max(tail),
@@ -70,11 +75,15 @@ def main(argv=None):
     common.add_text_model_flags(parser)
     parser.set_defaults(batch_size=32)
     parser.add_argument(
-        "--learning-rate", type=float, default=0.03,
+        "--learning-rate",
+        type=float,
+        default=0.03,
         help="Muon's constant learning rate (default 0.03)",
     )
     parser.add_argument(
-        "--threshold", type=float, default=100.0,
+        "--threshold",
+        type=float,
+        default=100.0,
         help="QK-Clip's threshold τ (default 100, as in Kimi K2)",
     )
     args = parser.parse_args(argv)

@@ -64,9 +64,7 @@ def layer_rule(layer_type, rule):
     """Checks the arguments of a rule registration: `layer_type` a
     `keras.Layer` subclass, `rule` callable."""
     if not (isinstance(layer_type, type) and issubclass(layer_type, keras.Layer)):
-        raise ValueError(
-            f"`layer_type` must be a keras.Layer subclass. Received: {layer_type!r}"
-        )
+        raise ValueError(f"`layer_type` must be a keras.Layer subclass. Received: {layer_type!r}")
     if not callable(rule):
         raise ValueError(f"`rule` must be callable. Received: {rule!r}")
 

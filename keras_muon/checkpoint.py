@@ -23,7 +23,6 @@ from keras import ops
 
 from keras_muon.naming import variable_path
 
-
 ROUTES_KEY = "routes"
 CLASS_KEY = "class"
 

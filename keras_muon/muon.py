@@ -271,7 +271,9 @@ class Muon(keras.optimizers.Optimizer):
     def _orthogonalize(self, batch):
         """`O = msign(X)`, `X` the variant's input from `N`, among replicas."""
         x, split = self._orthogonalization_input(batch.blocks), self.split_newton_schulz
-        return distributed.orthogonalize(x, self._ns_schedule, self.ns_dtype, split, batch.placement)
+        return distributed.orthogonalize(
+            x, self._ns_schedule, self.ns_dtype, split, batch.placement
+        )
 
     @_torch_twin
     def _muon_update(self, batches, orthogonal, learning_rate):
@@ -343,10 +345,26 @@ class Muon(keras.optimizers.Optimizer):
 
 # The arguments of `Muon.__init__` that Keras's optimizers do not have.
 _CONFIG = (
-    "momentum", "nesterov", "scale", "rms_rate", "ns_steps", "ns_coefficients", "ns_dtype",
-    "per_head", "exclude_layers", "adam_beta_1", "adam_beta_2", "epsilon", "adam_weight_decay",
-    "adam_lr_ratio", "cautious_weight_decay", "qk_clip_threshold", "qk_clip_alpha",
-    "split_newton_schulz", "lora", "hyperball",
+    "momentum",
+    "nesterov",
+    "scale",
+    "rms_rate",
+    "ns_steps",
+    "ns_coefficients",
+    "ns_dtype",
+    "per_head",
+    "exclude_layers",
+    "adam_beta_1",
+    "adam_beta_2",
+    "epsilon",
+    "adam_weight_decay",
+    "adam_lr_ratio",
+    "cautious_weight_decay",
+    "qk_clip_threshold",
+    "qk_clip_alpha",
+    "split_newton_schulz",
+    "lora",
+    "hyperball",
 )
 
 

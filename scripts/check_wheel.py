@@ -55,9 +55,7 @@ def main():
         ).strip()
         # A path in a .pth file is added without the .pth files it holds,
         # so the editable install of this checkout stays out.
-        Path(site_packages, "dependencies.pth").write_text(
-            sysconfig.get_path("purelib") + "\n"
-        )
+        Path(site_packages, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
         subprocess.run(
             [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", wheel],
             check=True,

@@ -9,7 +9,6 @@ import keras_muon
 from keras_muon import coefficient_schedule
 from tests import reference
 
-
 SHAPES = {"widening": (24, 40), "narrowing": (40, 24)}
 
 
@@ -21,17 +20,25 @@ def random_arrays(shapes, seed, scale=1.0):
 def run(optimizer, initial, gradients, names=None, dtype="float32"):
     """Applies each step's gradients; returns the final values as float64."""
     names = names or ["kernel"] * len(initial)
-    variables = [
-        keras.Variable(w, name=name, dtype=dtype) for w, name in zip(initial, names)
-    ]
+    variables = [keras.Variable(w, name=name, dtype=dtype) for w, name in zip(initial, names)]
     for step in gradients:
         optimizer.apply([ops.convert_to_tensor(g, dtype=dtype) for g in step], variables)
     return [ops.convert_to_numpy(ops.cast(v, "float32")).astype(np.float64) for v in variables]
 
 
-def muon_reference(initial, gradients, *, lr, momentum=0.95, nesterov=True,
-                   weight_decay=0.0, scale="moonlight", rms_rate=0.2,
-                   schedule=None, learning_rates=None):
+def muon_reference(
+    initial,
+    gradients,
+    *,
+    lr,
+    momentum=0.95,
+    nesterov=True,
+    weight_decay=0.0,
+    scale="moonlight",
+    rms_rate=0.2,
+    schedule=None,
+    learning_rates=None,
+):
     """Muon on 2-D kernels read as (d_in, d_out) = shape, in float64."""
     schedule = schedule or coefficient_schedule("polar_express", 5)
     finals = []
@@ -41,25 +48,39 @@ def muon_reference(initial, gradients, *, lr, momentum=0.95, nesterov=True,
         s = reference.scale(scale, *w.shape, rms_rate=rms_rate)
         for t, step in enumerate(gradients):
             w, m = reference.muon_step(
-                w, m, step[i].astype(np.float64),
+                w,
+                m,
+                step[i].astype(np.float64),
                 lr=learning_rates[t] if learning_rates else lr,
-                momentum=momentum, nesterov=nesterov,
-                weight_decay=weight_decay, scale=s, schedule=schedule,
+                momentum=momentum,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                scale=s,
+                schedule=schedule,
             )
         finals.append(w)
     return finals
 
 
-def adamw_reference(initial, gradients, *, lr, weight_decay, beta_1=0.9,
-                    beta_2=0.999, epsilon=1e-7):
+def adamw_reference(
+    initial, gradients, *, lr, weight_decay, beta_1=0.9, beta_2=0.999, epsilon=1e-7
+):
     """AdamW on each variable, in float64."""
     finals = []
     for i, w in enumerate(initial):
         w, m, v = w.astype(np.float64), 0.0, 0.0
         for t, step in enumerate(gradients):
             w, m, v = reference.adamw_step(
-                w, m, v, step[i].astype(np.float64), step=t + 1, lr=lr,
-                beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay,
+                w,
+                m,
+                v,
+                step[i].astype(np.float64),
+                step=t + 1,
+                lr=lr,
+                beta_1=beta_1,
+                beta_2=beta_2,
+                epsilon=epsilon,
+                weight_decay=weight_decay,
             )
         finals.append(w)
     return finals
@@ -105,8 +126,18 @@ FAMILY_SCHEDULE = coefficient_schedule("polar_express", 5)
 FAMILY_LEARNING_RATE = 0.02
 
 
-def family_reference(initial, gradients, *, rule, nesterov=True, weight_decay=0.1,
-                     neuron_axis="longer", cautious=False, hyperball=False, **options):
+def family_reference(
+    initial,
+    gradients,
+    *,
+    rule,
+    nesterov=True,
+    weight_decay=0.1,
+    neuron_axis="longer",
+    cautious=False,
+    hyperball=False,
+    **options,
+):
     """The reference on 2-D kernels read as (d_in, d_out) = shape."""
     finals = []
     for i, w in enumerate(initial):
@@ -120,17 +151,28 @@ def family_reference(initial, gradients, *, rule, nesterov=True, weight_decay=0.
         radius = np.linalg.norm(w, axis=(-2, -1)) if hyperball else None
         for step in gradients:
             w, m, state = reference.muon_family_step(
-                w, m, state, step[i].astype(np.float64)[None], rule=rule, lr=FAMILY_LEARNING_RATE,
-                momentum=0.95, nesterov=nesterov, weight_decay=weight_decay, schedule=FAMILY_SCHEDULE,
-                scale=reference.scale("moonlight", d_in, d_out), cautious=cautious, radius=radius,
+                w,
+                m,
+                state,
+                step[i].astype(np.float64)[None],
+                rule=rule,
+                lr=FAMILY_LEARNING_RATE,
+                momentum=0.95,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                schedule=FAMILY_SCHEDULE,
+                scale=reference.scale("moonlight", d_in, d_out),
+                cautious=cautious,
+                radius=radius,
                 **options,
             )
         finals.append(w[0])
     return finals
 
 
-def check_family_member(optimizer_type, arguments, reference_arguments, nesterov, steps,
-                        cautious=False, hyperball=False):
+def check_family_member(
+    optimizer_type, arguments, reference_arguments, nesterov, steps, cautious=False, hyperball=False
+):
     """`optimizer_type(**arguments)` against `family_reference(**reference_arguments)`
     on both orientations, with or without Nesterov momentum, cautious
     weight decay or Hyperball, over `steps` steps."""

@@ -52,12 +52,21 @@ def decay(w, update, rate, cautious=False):
     return w - rate * w
 
 
-def muon_step(w, m, g, *, lr, momentum, nesterov, weight_decay, scale, schedule,
-              cautious=False):
+def muon_step(w, m, g, *, lr, momentum, nesterov, weight_decay, scale, schedule, cautious=False):
     """One Muon step on blocks `w` (..., d_in, d_out); returns (w, m)."""
     w, m, _ = muon_family_step(
-        w, m, None, g, rule="muon", lr=lr, momentum=momentum, nesterov=nesterov,
-        weight_decay=weight_decay, scale=scale, schedule=schedule, cautious=cautious,
+        w,
+        m,
+        None,
+        g,
+        rule="muon",
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        scale=scale,
+        schedule=schedule,
+        cautious=cautious,
     )
     return w, m
 
@@ -84,9 +93,25 @@ def hyperball_step(w, update, radius, lr):
     return radius * moved / np.linalg.norm(moved, axis=(-2, -1), keepdims=True)
 
 
-def muon_family_step(w, m, state, g, *, rule, lr, momentum, nesterov, weight_decay,
-                     schedule, scale=1.0, beta_2=0.95, sign_input=True, rms_rate=0.2,
-                     cautious=False, radius=None):
+def muon_family_step(
+    w,
+    m,
+    state,
+    g,
+    *,
+    rule,
+    lr,
+    momentum,
+    nesterov,
+    weight_decay,
+    schedule,
+    scale=1.0,
+    beta_2=0.95,
+    sign_input=True,
+    rms_rate=0.2,
+    cautious=False,
+    radius=None,
+):
     """One step of Muon (`rule="muon"`), NorMuon (`"normuon"`) or AdaMuon
     (`"adamuon"`) on blocks `w` (..., d_in, d_out); returns (w, m, state).
 
@@ -116,8 +141,7 @@ def muon_family_step(w, m, state, g, *, rule, lr, momentum, nesterov, weight_dec
     return decay(w, update, lr * weight_decay, cautious) - lr * update, m, state
 
 
-def adamw_step(w, m, v, g, *, step, lr, beta_1, beta_2, epsilon, weight_decay,
-               cautious=False):
+def adamw_step(w, m, v, g, *, step, lr, beta_1, beta_2, epsilon, weight_decay, cautious=False):
     """One AdamW step as Keras writes it (epsilon outside the bias correction)."""
     m = m + (g - m) * (1 - beta_1)
     v = v + (g * g - v) * (1 - beta_2)

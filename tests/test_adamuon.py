@@ -11,7 +11,6 @@ from tests.helpers import check_family_member
 from tests.helpers import check_zero_gradients_and_zero_rows_stay_finite
 from tests.helpers import random_arrays
 
-
 # name: (class, its arguments, the reference's arguments)
 VARIANTS = {
     "as published": (keras_muon.AdaMuon, {}, {"rule": "adamuon", "beta_2": 0.95}),

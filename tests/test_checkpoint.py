@@ -15,7 +15,9 @@ from tests.helpers import classifier_data
 from tests.helpers import small_classifier
 
 
-@pytest.mark.parametrize("optimizer_type", [keras_muon.Muon, keras_muon.NorMuon, keras_muon.AdaMuon])
+@pytest.mark.parametrize(
+    "optimizer_type", [keras_muon.Muon, keras_muon.NorMuon, keras_muon.AdaMuon]
+)
 def test_save_load_continue_equals_uninterrupted_training(tmp_path, optimizer_type):
     x, y = classifier_data()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -83,12 +85,15 @@ def test_hyperball_resumes_exactly_and_is_told_apart(tmp_path):
         plain.load_weights(tmp_path / "model.keras")
 
 
-@pytest.mark.parametrize("saved_type, loading_type", [
-    (keras_muon.NorMuon, keras_muon.AdaMuon),
-    (keras_muon.AdaMuon, keras_muon.NorMuon),
-    (keras_muon.Muon, keras_muon.NorMuon),
-    (keras_muon.NorMuon, keras_muon.Muon),
-])
+@pytest.mark.parametrize(
+    "saved_type, loading_type",
+    [
+        (keras_muon.NorMuon, keras_muon.AdaMuon),
+        (keras_muon.AdaMuon, keras_muon.NorMuon),
+        (keras_muon.Muon, keras_muon.NorMuon),
+        (keras_muon.NorMuon, keras_muon.Muon),
+    ],
+)
 def test_the_state_of_one_class_is_refused_by_another(tmp_path, saved_type, loading_type):
     def compiled_model(optimizer_type):
         keras.utils.set_random_seed(0)
@@ -98,7 +103,9 @@ def test_the_state_of_one_class_is_refused_by_another(tmp_path, saved_type, load
         return model
 
     compiled_model(saved_type).save(tmp_path / "model.keras")
-    with pytest.raises(ValueError, match=f"saved by {saved_type.__name__},.* Use {saved_type.__name__} to resume"):
+    with pytest.raises(
+        ValueError, match=f"saved by {saved_type.__name__},.* Use {saved_type.__name__} to resume"
+    ):
         compiled_model(loading_type).load_weights(tmp_path / "model.keras")
 
 
@@ -134,7 +141,9 @@ def saved_model_and_data():
 
 
 def compiled(model, optimizer):
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     return model
 
 
@@ -187,5 +196,7 @@ if __name__ == "__main__":
     output.mkdir(parents=True, exist_ok=True)
     for name, make_optimizer in SAVED_OPTIMIZERS.items():
         model, (x, y) = saved_model_and_data()
-        compiled(model, make_optimizer()).fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        compiled(model, make_optimizer()).fit(
+            x, y, batch_size=8, epochs=1, shuffle=False, verbose=0
+        )
         model.save(output / f"{name}.keras")

@@ -9,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 
-
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="starts all three backends itself, so it runs in the JAX session only",
@@ -62,10 +61,16 @@ def test_backends_agree(tmp_path, optimizer):
     for backend in BACKENDS:
         env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(root))
         out = tmp_path / f"{backend}.npz"
-        runs[backend] = (out, subprocess.Popen(
-            [sys.executable, "-c", TRAIN, str(out), optimizer], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        runs[backend] = (
+            out,
+            subprocess.Popen(
+                [sys.executable, "-c", TRAIN, str(out), optimizer],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
     weights = {}
     for backend, (out, process) in runs.items():
         log = process.communicate(timeout=600)[0]

@@ -16,7 +16,6 @@ import pytest
 
 import keras_muon
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -33,10 +32,21 @@ import quality  # noqa: E402
 import routing_survey  # noqa: E402
 import step_time  # noqa: E402
 
-
 TINY_TRANSFORMER = [
-    "--steps", "4", "--eval-every", "2", "--width", "16", "--depth", "1",
-    "--heads", "2", "--batch-size", "4", "--validation-size", "8",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--batch-size",
+    "4",
+    "--validation-size",
+    "8",
 ]
 OPTIMIZERS = ["keras_muon.Muon", "keras.optimizers.AdamW", "keras.optimizers.Muon"]
 
@@ -59,7 +69,6 @@ def test_char_transformer(tmp_path):
         assert len(curves["val_loss"]) == 3 and curves["loss"][0] is None
 
 
-
 def test_char_transformer_draws_the_monitors_curves(tmp_path):
     char_transformer.main([*TINY_TRANSFORMER, "--monitor", "2", "--output", str(tmp_path)])
     assert (tmp_path / "char_transformer_monitor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -67,16 +76,34 @@ def test_char_transformer_draws_the_monitors_curves(tmp_path):
     assert list(histories) == OPTIMIZERS
     for name, history in histories.items():
         assert history["step"] == [2, 4], name
-        assert all(v > 0 for v in history["muon_update_ratio"] + history["adamw_update_ratio"]), name
+        assert all(v > 0 for v in history["muon_update_ratio"] + history["adamw_update_ratio"]), (
+            name
+        )
     # Newton–Schulz's singular values exist for keras_muon's optimizer only.
     muon = histories["keras_muon.Muon"]
-    assert all(0 < low <= high for low, high in zip(muon["ns_min_singular_value"], muon["ns_max_singular_value"]))
+    assert all(
+        0 < low <= high
+        for low, high in zip(muon["ns_min_singular_value"], muon["ns_max_singular_value"])
+    )
     assert "ns_min_singular_value" not in histories["keras.optimizers.AdamW"]
 
 
 def test_monitor_cost_benchmark(capsys):
     times = monitor_cost.main(
-        ["--steps", "2", "--rounds", "1", "--width", "16", "--depth", "1", "--heads", "2", "--batch-size", "2"]
+        [
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--width",
+            "16",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--batch-size",
+            "2",
+        ]
     )
     assert list(times) == list(monitor_cost.SETTINGS)
     assert all(len(t) == 1 and t[0] > 0 for t in times.values())
@@ -84,9 +111,28 @@ def test_monitor_cost_benchmark(capsys):
 
 
 TINY_FINE_TUNING = [
-    "--steps", "4", "--pretrain-steps", "2", "--eval-every", "2", "--width", "16",
-    "--depth", "1", "--heads", "2", "--batch-size", "2", "--sequence-length", "8",
-    "--validation-size", "4", "--rank", "2", "--learning-rates", "1",
+    "--steps",
+    "4",
+    "--pretrain-steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--batch-size",
+    "2",
+    "--sequence-length",
+    "8",
+    "--validation-size",
+    "4",
+    "--rank",
+    "2",
+    "--learning-rates",
+    "1",
 ]
 
 
@@ -97,7 +143,9 @@ def test_lora_finetune(tmp_path):
         assert math.isfinite(row["validation loss"]) and math.isfinite(row["pretraining text loss"])
     # LoRA trains the adapters and the adapted layers' biases only.
     full, lora = rows[0]["trained parameters"], rows[2]["trained parameters"]
-    assert rows[1]["trained parameters"] == full and rows[3]["trained parameters"] == lora < full / 4
+    assert (
+        rows[1]["trained parameters"] == full and rows[3]["trained parameters"] == lora < full / 4
+    )
     assert (tmp_path / "lora_finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -114,7 +162,9 @@ def test_lora_finetune_of_a_keras_hub_model(tmp_path):
 def test_lora_finetune_routes_the_adapters_as_asked():
     # Six adapted projections (query, key, value, output, up, down) of two
     # factors each, on the route `lora` names.
-    args = argparse.Namespace(keras_hub=False, width=16, depth=1, heads=2, sequence_length=8, rank=2)
+    args = argparse.Namespace(
+        keras_hub=False, width=16, depth=1, heads=2, sequence_length=8, rank=2
+    )
     model, enable_lora = lora_finetune.build(args)
     enable_lora()
     for lora in ("muon", "adamw"):
@@ -126,7 +176,11 @@ def test_lora_finetune_routes_the_adapters_as_asked():
 
 
 def test_examples_run_the_optimizers_named_by_the_optimizer_flag(tmp_path):
-    names = ["keras_muon.NorMuon", "keras_muon.AdaMuon", "keras_muon.Muon cautious_weight_decay=True"]
+    names = [
+        "keras_muon.NorMuon",
+        "keras_muon.AdaMuon",
+        "keras_muon.Muon cautious_weight_decay=True",
+    ]
     flags = [flag for name in names for flag in ("--optimizer", name)]
     rows = char_transformer.main([*TINY_TRANSFORMER, *flags, "--output", str(tmp_path)])
     assert [row["optimizer"] for row in rows] == names
@@ -171,15 +225,25 @@ def test_keras_hub_gpt2(tmp_path, capsys):
 
 # The benchmarks' bookkeeping is the same on every backend, and
 # test_char_transformer trains the model on each: once is enough.
-ONE_BACKEND = pytest.mark.skipif(keras.backend.backend() != "jax", reason="backend-independent; runs on JAX")
+ONE_BACKEND = pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="backend-independent; runs on JAX"
+)
 
 
 @ONE_BACKEND
 def test_quality_benchmark(tmp_path, capsys):
     names = ["keras_muon.Muon", "keras.optimizers.AdamW", "keras_muon.NorMuon"]
     summary = quality.main(
-        [*TINY_TRANSFORMER, "--learning-rates", "1e-3", "1e-2", "--optimizers", *names,
-         "--output", str(tmp_path)]
+        [
+            *TINY_TRANSFORMER,
+            "--learning-rates",
+            "1e-3",
+            "1e-2",
+            "--optimizers",
+            *names,
+            "--output",
+            str(tmp_path),
+        ]
     )
     assert [row["optimizer"] for row in summary] == names
     adamw = summary[1]
@@ -195,9 +259,18 @@ def test_quality_benchmark(tmp_path, capsys):
 def test_quality_benchmark_passes_options_to_keras_muon(tmp_path, capsys):
     quality.main(
         [
-            *TINY_TRANSFORMER, "--learning-rates", "1e-3", "--optimizers",
-            "keras_muon.Muon", "keras.optimizers.AdamW", "--muon-option", "scale=jordan",
-            "--muon-option", "weight_decay=0.1", "--output", str(tmp_path),
+            *TINY_TRANSFORMER,
+            "--learning-rates",
+            "1e-3",
+            "--optimizers",
+            "keras_muon.Muon",
+            "keras.optimizers.AdamW",
+            "--muon-option",
+            "scale=jordan",
+            "--muon-option",
+            "weight_decay=0.1",
+            "--output",
+            str(tmp_path),
         ]
     )
     assert "options {'scale': 'jordan', 'weight_decay': 0.1}" in capsys.readouterr().out
@@ -223,7 +296,11 @@ def test_evaluation_interval_divides_the_steps():
         (char_transformer.main, ["--steps", "0"], "--steps: must be a positive integer, got 0"),
         (keras_hub_gpt2.main, ["--width", "-8"], "--width: must be a positive integer, got -8"),
         (digits_convnet.main, ["--batch-size", "5000"], "larger than the 1437 training images"),
-        (quality.main, ["--muon-option", "weight_decay"], "expected NAME=VALUE, got 'weight_decay'"),
+        (
+            quality.main,
+            ["--muon-option", "weight_decay"],
+            "expected NAME=VALUE, got 'weight_decay'",
+        ),
     ],
 )
 def test_bad_flags_are_named_in_the_error(main, argv, message, capsys):
@@ -244,11 +321,29 @@ def test_validation_windows_do_not_depend_on_the_number_of_training_windows():
 def test_step_time_benchmark(tmp_path):
     backend = keras.backend.backend()
     variants = ["keras_muon.NorMuon", "keras_muon.AdaMuon"]
-    step_time.main([
-        "--backend", backend, "--widths", "64", "--depth", "1", "--batch-size", "2",
-        "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--output", str(tmp_path),
-        "--optimizers", *OPTIMIZERS, *variants,
-    ])
+    step_time.main(
+        [
+            "--backend",
+            backend,
+            "--widths",
+            "64",
+            "--depth",
+            "1",
+            "--batch-size",
+            "2",
+            "--sequence-length",
+            "8",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--optimizers",
+            *OPTIMIZERS,
+            *variants,
+        ]
+    )
     result = json.loads((tmp_path / f"step_time_{backend}.json").read_text())
     assert result["backend"] == backend
     entry = result["widths"]["64"]
@@ -278,11 +373,28 @@ def test_step_time_benchmark(tmp_path):
 def test_step_time_benchmark_counts_aten_ops_on_torch(tmp_path):
     if keras.backend.backend() != "torch":
         pytest.skip("the torch profiler counts torch's operations")
-    step_time.main([
-        "--backend", "torch", "--widths", "64", "--depth", "1", "--batch-size", "2",
-        "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--output", str(tmp_path),
-        "--optimizers", "keras_muon.Muon",
-    ])
+    step_time.main(
+        [
+            "--backend",
+            "torch",
+            "--widths",
+            "64",
+            "--depth",
+            "1",
+            "--batch-size",
+            "2",
+            "--sequence-length",
+            "8",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--optimizers",
+            "keras_muon.Muon",
+        ]
+    )
     rows = json.loads((tmp_path / "step_time_torch.json").read_text())["widths"]["64"]["optimizers"]
     # Keras's AdamW is one multi-tensor update: a fixed number of launches.
     adamw, muon = rows["keras.optimizers.AdamW"]["aten ops"], rows["keras_muon.Muon"]["aten ops"]
@@ -293,11 +405,31 @@ def test_step_time_benchmark_counts_aten_ops_on_torch(tmp_path):
 def test_distributed_step_time_benchmark(tmp_path):
     # Simulated devices are set up before JAX starts: in a process of its own.
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "distributed_step_time.py"),
-         "--devices", "4", "--width", "64", "--depth", "1", "--batch-size", "4",
-         "--sequence-length", "8", "--rounds", "1", "--steps", "1", "--models", "transformer",
-         "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "distributed_step_time.py"),
+            "--devices",
+            "4",
+            "--width",
+            "64",
+            "--depth",
+            "1",
+            "--batch-size",
+            "4",
+            "--sequence-length",
+            "8",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--models",
+            "transformer",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = json.loads((tmp_path / "distributed_step_time.json").read_text())["rows"]
@@ -347,9 +479,17 @@ def run_distributed_jax(tmp_path, *flags):
     # In a subprocess: the example splits the CPU into devices before JAX
     # starts, which this process has already done.
     return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "distributed_jax.py"), *flags,
-         "--output", str(tmp_path)],
-        env=dict(os.environ, KERAS_BACKEND="jax"), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "distributed_jax.py"),
+            *flags,
+            "--output",
+            str(tmp_path),
+        ],
+        env=dict(os.environ, KERAS_BACKEND="jax"),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -378,8 +518,14 @@ def test_distributed_jax_rejects_sizes_that_do_not_split_over_the_devices():
     devices = ["device"] * 8
     for flags, message in [
         (["--model-axis", "3"], "--model-axis (3) must divide the number of devices (8)"),
-        (["--batch-size", "12"], "--batch-size (12) must be a multiple of the number of devices (8)"),
-        (["--model-axis", "4", "--heads", "2"], "--heads (2) must be a multiple of --model-axis (4)"),
+        (
+            ["--batch-size", "12"],
+            "--batch-size (12) must be a multiple of the number of devices (8)",
+        ),
+        (
+            ["--model-axis", "4", "--heads", "2"],
+            "--heads (2) must be a multiple of --model-axis (4)",
+        ),
     ]:
         args = distributed_jax.argument_parser().parse_args(flags)
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -406,7 +552,10 @@ def test_routing_survey_of_a_backbone_alone(capsys):
     alone = {row[0]: row for row in routes["ViTBackbone"]}
     assert alone["vit_encoder/transformer_block_1/mlp/dense_2/kernel"][1] == "muon"
     assert not any("output head" in row[4] for row in routes["ViTBackbone"])
-    assert "routes that differ from the same backbone under a head\nViTBackbone: 0" in capsys.readouterr().out
+    assert (
+        "routes that differ from the same backbone under a head\nViTBackbone: 0"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.skipif(
@@ -420,8 +569,19 @@ def test_scale_quality_benchmark(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(scale_quality.GRIDS, scale_quality.MUON, (1.6e-2,))
     names = [scale_quality.ADAMW, scale_quality.MUON]
     summary = scale_quality.main(
-        ["--tiny", "--layers", "1", "--steps", "8", "--eval-every", "2", "--optimizers", *names,
-         "--output", str(tmp_path)]
+        [
+            "--tiny",
+            "--layers",
+            "1",
+            "--steps",
+            "8",
+            "--eval-every",
+            "2",
+            "--optimizers",
+            *names,
+            "--output",
+            str(tmp_path),
+        ]
     )
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
     out = capsys.readouterr().out
@@ -430,15 +590,19 @@ def test_scale_quality_benchmark(tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "scale_quality.json").read_text())
     runs, setting = result["runs"], result["setting"]
     assert [(run["optimizer"], run["learning_rate"]) for run in runs] == [
-        (names[0], 1e-3), (names[0], 4e-3), (names[1], 1.6e-2)
+        (names[0], 1e-3),
+        (names[0], 4e-3),
+        (names[1], 1.6e-2),
     ]
     assert setting["parameters"] > 0 and setting["tokens per run"] == 8 * 8 * 64
     for run in runs:
         assert run["step"] == [0, 2, 4, 6, 8] and run["tokens"] == [s * 8 * 64 for s in run["step"]]
         assert all(math.isfinite(loss) for loss in run["val_loss"]), run
     # The fractions, recomputed from the curves in the JSON.
-    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["val_loss"][-1])
-            for name in names}
+    best = {
+        name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["val_loss"][-1])
+        for name in names
+    }
     target = best[names[0]]["val_loss"][-1]
     adamw_steps = quality.steps_to_reach(best[names[0]], target)
     assert result["summary"] == summary and [row["optimizer"] for row in summary] == names

@@ -28,9 +28,7 @@ def test_muon_matches_reference(scale, nesterov, steps):
     initial = random_arrays(SHAPES.values(), seed=0)
     gradients = [random_arrays(SHAPES.values(), seed=1 + t) for t in range(steps)]
     lr = 0.02 if scale == "moonlight" else 0.005
-    optimizer = keras_muon.Muon(
-        learning_rate=lr, scale=scale, nesterov=nesterov, weight_decay=0.1
-    )
+    optimizer = keras_muon.Muon(learning_rate=lr, scale=scale, nesterov=nesterov, weight_decay=0.1)
     expected = muon_reference(
         initial, gradients, lr=lr, scale=scale, nesterov=nesterov, weight_decay=0.1
     )
@@ -47,7 +45,11 @@ def test_muon_with_other_schedules(coefficients):
         learning_rate=0.02, ns_coefficients=coefficients, ns_steps=6, momentum=0.9
     )
     expected = muon_reference(
-        initial, gradients, lr=0.02, momentum=0.9, weight_decay=DEFAULT_WEIGHT_DECAY,
+        initial,
+        gradients,
+        lr=0.02,
+        momentum=0.9,
+        weight_decay=DEFAULT_WEIGHT_DECAY,
         schedule=coefficient_schedule(coefficients, 6),
     )
     np.testing.assert_allclose(run(optimizer, initial, gradients)[0], expected[0], atol=ATOL)
@@ -59,8 +61,12 @@ def test_adamw_route_matches_reference_and_keras_adamw():
     initial = random_arrays(shapes, seed=4)
     gradients = [random_arrays(shapes, seed=5 + t) for t in range(3)]
     optimizer = keras_muon.Muon(
-        learning_rate=0.01, adam_lr_ratio=0.5, adam_weight_decay=0.1,
-        adam_beta_1=0.8, adam_beta_2=0.99, epsilon=1e-6,
+        learning_rate=0.01,
+        adam_lr_ratio=0.5,
+        adam_weight_decay=0.1,
+        adam_beta_1=0.8,
+        adam_beta_2=0.99,
+        epsilon=1e-6,
     )
     got = run(optimizer, initial, gradients, names)
     keras_adamw = keras.optimizers.AdamW(
@@ -71,8 +77,16 @@ def test_adamw_route_matches_reference_and_keras_adamw():
         w, m, v = w.astype(np.float64), 0.0, 0.0
         for t, step in enumerate(gradients):
             w, m, v = reference.adamw_step(
-                w, m, v, step[i], step=t + 1, lr=0.005, beta_1=0.8,
-                beta_2=0.99, epsilon=1e-6, weight_decay=0.1,
+                w,
+                m,
+                v,
+                step[i],
+                step=t + 1,
+                lr=0.005,
+                beta_1=0.8,
+                beta_2=0.99,
+                epsilon=1e-6,
+                weight_decay=0.1,
             )
         np.testing.assert_allclose(got[i], w, atol=1e-6)
         np.testing.assert_allclose(got[i], from_keras[i], atol=1e-6)
@@ -147,9 +161,9 @@ def test_low_precision_variables(dtype, tolerance):
     step = expected - initial[0]
     # Relative to the size of the update: the dtype's rounding of the
     # weights and of the update.
-    assert np.linalg.norm(got - expected) <= tolerance * np.linalg.norm(step) + 1e-3 * np.linalg.norm(
-        np.spacing(initial[0].astype(dtype).astype(np.float32))
-    )
+    assert np.linalg.norm(got - expected) <= tolerance * np.linalg.norm(
+        step
+    ) + 1e-3 * np.linalg.norm(np.spacing(initial[0].astype(dtype).astype(np.float32)))
 
 
 @pytest.mark.parametrize(
@@ -173,7 +187,9 @@ def test_gradient_accumulation_averages_gradients():
     optimizer = keras_muon.Muon(learning_rate=0.02, gradient_accumulation_steps=2)
     after_one = run(optimizer, initial, [g1])[0]
     np.testing.assert_array_equal(after_one, initial[0])
-    got = run(keras_muon.Muon(learning_rate=0.02, gradient_accumulation_steps=2), initial, [g1, g2])[0]
+    got = run(
+        keras_muon.Muon(learning_rate=0.02, gradient_accumulation_steps=2), initial, [g1, g2]
+    )[0]
     average = [(g1[0] + g2[0]) / 2]
     expected = muon_reference(initial, [average], lr=0.02, weight_decay=DEFAULT_WEIGHT_DECAY)[0]
     np.testing.assert_allclose(got, expected, atol=ATOL)
@@ -188,7 +204,9 @@ def test_gradient_accumulation_under_fit_equals_the_larger_batch():
         keras.utils.set_random_seed(3)
         model = small_classifier()
         optimizer = keras_muon.Muon(learning_rate=0.02, **options)
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
         model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
         assert int(optimizer.iterations) == 8
         return [ops.convert_to_numpy(w) for w in model.weights]
@@ -300,12 +318,24 @@ def test_compiled_and_eager_training_agree():
 def test_config_round_trip():
     optimizer = keras_muon.Muon(
         learning_rate=keras.optimizers.schedules.CosineDecay(0.02, 100),
-        momentum=0.9, nesterov=False, weight_decay=0.1, scale="moonlight",
-        rms_rate=0.3, ns_steps=6, ns_coefficients=[(3.0, -3.2, 1.2)],
-        ns_dtype="bfloat16", per_head=True, exclude_layers=["head"],
-        adam_beta_1=0.8, adam_beta_2=0.95, epsilon=1e-8,
-        adam_weight_decay=0.01, adam_lr_ratio=0.5, global_clipnorm=1.0,
-        gradient_accumulation_steps=2, name="muon_test",
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=0.1,
+        scale="moonlight",
+        rms_rate=0.3,
+        ns_steps=6,
+        ns_coefficients=[(3.0, -3.2, 1.2)],
+        ns_dtype="bfloat16",
+        per_head=True,
+        exclude_layers=["head"],
+        adam_beta_1=0.8,
+        adam_beta_2=0.95,
+        epsilon=1e-8,
+        adam_weight_decay=0.01,
+        adam_lr_ratio=0.5,
+        global_clipnorm=1.0,
+        gradient_accumulation_steps=2,
+        name="muon_test",
     )
     config = optimizer.get_config()
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
@@ -431,7 +461,9 @@ def test_numpy_scalars_are_accepted_and_serialize_as_python_numbers():
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="sparse gradients come from TensorFlow"
 )
-@pytest.mark.parametrize("clip", [{"clipnorm": 0.05}, {"clipvalue": 0.01}, {"global_clipnorm": 0.05}])
+@pytest.mark.parametrize(
+    "clip", [{"clipnorm": 0.05}, {"clipvalue": 0.01}, {"global_clipnorm": 0.05}]
+)
 def test_sparse_gradients_are_summed_before_clipping(clip):
     import tensorflow as tf
 
@@ -443,7 +475,9 @@ def test_sparse_gradients_are_summed_before_clipping(clip):
     table = keras.Variable(initial[0], name="embeddings")
     sparse = tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([6, 4]))
     keras_muon.Muon(learning_rate=0.01, **clip).apply([sparse], [table])
-    expected = run(keras_muon.Muon(learning_rate=0.01, **clip), initial, [[dense]], ["embeddings"])[0]
+    expected = run(keras_muon.Muon(learning_rate=0.01, **clip), initial, [[dense]], ["embeddings"])[
+        0
+    ]
     np.testing.assert_allclose(ops.convert_to_numpy(table), expected, atol=1e-7)
 
 
@@ -502,11 +536,21 @@ def test_layer_views_update_like_the_reference(optimizer_type, rule):
         # head and gate); AdaMuon: one per entry.
         state = np.zeros_like(blocks)
         if rule == "normuon":
-            state = np.zeros((num_blocks, *reference.normuon_second_moment_shape(d_in, d_out, "longer")))
+            state = np.zeros(
+                (num_blocks, *reference.normuon_second_moment_shape(d_in, d_out, "longer"))
+            )
         new_blocks, _, _ = reference.muon_family_step(
-            blocks, np.zeros_like(blocks), state, to_blocks(gradient[path].astype(np.float64)),
-            rule=rule, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1,
-            scale=reference.scale("moonlight", d_in, d_out), schedule=schedule,
+            blocks,
+            np.zeros_like(blocks),
+            state,
+            to_blocks(gradient[path].astype(np.float64)),
+            rule=rule,
+            lr=0.02,
+            momentum=0.95,
+            nesterov=True,
+            weight_decay=0.1,
+            scale=reference.scale("moonlight", d_in, d_out),
+            schedule=schedule,
         )
         got = ops.convert_to_numpy(next(v for v in model.trainable_variables if v.path == path))
         np.testing.assert_allclose(got, from_blocks(new_blocks), atol=ATOL, err_msg=path)
@@ -524,10 +568,15 @@ def test_cautious_weight_decay_decays_only_where_the_update_agrees():
     g = np.array([[1.0, 1.0], [-1.0, -1.0]], "float32")  # msign: diag(1,-1)-like signs
     plain = run(keras_muon.Muon(learning_rate=0.1, weight_decay=0.5, nesterov=False), [w], [[g]])[0]
     cautious = run(
-        keras_muon.Muon(learning_rate=0.1, weight_decay=0.5, nesterov=False, cautious_weight_decay=True),
-        [w], [[g]],
+        keras_muon.Muon(
+            learning_rate=0.1, weight_decay=0.5, nesterov=False, cautious_weight_decay=True
+        ),
+        [w],
+        [[g]],
     )[0]
-    undecayed = run(keras_muon.Muon(learning_rate=0.1, weight_decay=0.0, nesterov=False), [w], [[g]])[0]
+    undecayed = run(
+        keras_muon.Muon(learning_rate=0.1, weight_decay=0.0, nesterov=False), [w], [[g]]
+    )[0]
     update_sign = np.sign(w - undecayed)  # the sign of lr·s·O
     agrees = update_sign * w >= 0
     assert agrees.any() and not agrees.all()
@@ -539,13 +588,24 @@ def test_cautious_weight_decay_on_the_adamw_side():
     rng = np.random.default_rng(3)
     bias = rng.normal(size=(7,)).astype("float32")
     grads = [rng.normal(size=(7,)).astype("float32") for _ in range(3)]
-    optimizer = keras_muon.Muon(learning_rate=0.01, adam_weight_decay=0.5, cautious_weight_decay=True)
+    optimizer = keras_muon.Muon(
+        learning_rate=0.01, adam_weight_decay=0.5, cautious_weight_decay=True
+    )
     got = run(optimizer, [bias], [[g] for g in grads], names=["bias"])[0]
     w, m, v = bias.astype(np.float64), np.zeros(7), np.zeros(7)
     for step, g in enumerate(grads, start=1):
         w, m, v = reference.adamw_step(
-            w, m, v, g.astype(np.float64), step=step, lr=0.01, beta_1=0.9, beta_2=0.999,
-            epsilon=1e-7, weight_decay=0.5, cautious=True,
+            w,
+            m,
+            v,
+            g.astype(np.float64),
+            step=step,
+            lr=0.01,
+            beta_1=0.9,
+            beta_2=0.999,
+            epsilon=1e-7,
+            weight_decay=0.5,
+            cautious=True,
         )
     np.testing.assert_allclose(got, w, atol=ATOL)
 
@@ -585,11 +645,20 @@ def test_hyperball_keeps_each_block_on_its_sphere():
     optimizer.build(model.trainable_variables)
     radii = block_norms(optimizer, model)
     assert {path: len(r) for path, r in radii.items()} == {
-        "attention/query/kernel": 4, "attention/key/kernel": 4, "attention/value/kernel": 4,
-        "attention/attention_output/kernel": 4, "up/kernel": 1, "down/kernel": 1,
-        "lstm/lstm_cell/kernel": 4, "lstm/lstm_cell/recurrent_kernel": 4,
+        "attention/query/kernel": 4,
+        "attention/key/kernel": 4,
+        "attention/value/kernel": 4,
+        "attention/attention_output/kernel": 4,
+        "up/kernel": 1,
+        "down/kernel": 1,
+        "lstm/lstm_cell/kernel": 4,
+        "lstm/lstm_cell/recurrent_kernel": 4,
     }
-    saved = {s.radius.path: ops.convert_to_numpy(s.radius) for s in optimizer._states if s.radius is not None}
+    saved = {
+        s.radius.path: ops.convert_to_numpy(s.radius)
+        for s in optimizer._states
+        if s.radius is not None
+    }
     assert len(saved) == len(radii)
     before = [ops.convert_to_numpy(v) for v in model.trainable_variables]
     rng = np.random.default_rng(5)
@@ -598,7 +667,10 @@ def test_hyperball_keeps_each_block_on_its_sphere():
         optimizer.apply([ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
     for path, norms in block_norms(optimizer, model).items():
         np.testing.assert_allclose(norms, radii[path], rtol=1e-5, err_msg=path)
-    moved = [not np.allclose(a, ops.convert_to_numpy(v)) for a, v in zip(before, model.trainable_variables)]
+    moved = [
+        not np.allclose(a, ops.convert_to_numpy(v))
+        for a, v in zip(before, model.trainable_variables)
+    ]
     assert all(moved)  # Muon and AdamW variables alike
     # AdamW's side keeps its weight decay; Muon's has none.
     assert optimizer.weight_decay is None and optimizer.adam_weight_decay == 0.004

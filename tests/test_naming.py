@@ -37,5 +37,8 @@ def test_the_rank_of_an_einsum_lora_factor_is_not_its_shortest_axis():
     layer = keras.layers.EinsumDense("abc,cde->abde", output_shape=(5, 2, 16), name="query")
     layer.build((None, 5, 8))
     layer.enable_lora(4)
-    assert tuple(layer.lora_kernel_a.shape) == (8, 2, 4) and tuple(layer.lora_kernel_b.shape) == (4, 16)
+    assert tuple(layer.lora_kernel_a.shape) == (8, 2, 4) and tuple(layer.lora_kernel_b.shape) == (
+        4,
+        16,
+    )
     assert lora_rank(layer.lora_kernel_a) == lora_rank(layer.lora_kernel_b) == 4

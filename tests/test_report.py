@@ -13,7 +13,6 @@ from tests.helpers import table_for
 from tests.routing.test_route import MISLEADING_NAMES
 from tests.routing.test_route import misleadingly_named_model
 
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

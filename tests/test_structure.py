@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 PACKAGE = Path(__file__).resolve().parents[1] / "keras_muon"
 TESTS = Path(__file__).resolve().parent
 

@@ -6,7 +6,6 @@ import pytest
 
 import keras_muon
 
-
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="compares with torch.optim.Muon"
 )
@@ -27,7 +26,11 @@ def test_agrees_with_torch_optim_muon(shape):
     # torch.nn.Linear stores the same matrix transposed: (d_out, d_in).
     parameter = torch.nn.Parameter(torch.tensor(initial.T.copy()))
     peer = torch.optim.Muon(
-        [parameter], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+        [parameter],
+        lr=0.02,
+        weight_decay=0.1,
+        momentum=0.95,
+        nesterov=True,
         adjust_lr_fn="original",
     )
     for g in gradients:

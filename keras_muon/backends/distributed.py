@@ -160,9 +160,7 @@ def _tf_split(blocks, schedule, dtype):
     if context is None or context.num_replicas_in_sync < 2:
         return newton_schulz(blocks, schedule, dtype)
     replicas = context.num_replicas_in_sync
-    mine = newton_schulz(
-        share(blocks, context.replica_id_in_sync_group, replicas), schedule, dtype
-    )
+    mine = newton_schulz(share(blocks, context.replica_id_in_sync_group, replicas), schedule, dtype)
     return context.all_gather(mine, axis=0)[: blocks.shape[0]]
 
 

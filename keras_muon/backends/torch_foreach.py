@@ -23,7 +23,6 @@ from keras import ops
 from keras_muon.update import batching
 from keras_muon.update import rule
 
-
 # The formulas: twins of those of update/rule.py.
 
 

@@ -167,9 +167,7 @@ class QKClip:
                     projection.kernel, _scaled(projection.kernel, factors, kernel_axis)
                 )
                 if bias_axis is not None:
-                    optimizer.assign(
-                        projection.bias, _scaled(projection.bias, factors, bias_axis)
-                    )
+                    optimizer.assign(projection.bias, _scaled(projection.bias, factors, bias_axis))
             counts.append(ops.sum(ops.cast(max_logits > self.threshold, "float32")))
         optimizer.assign(self.clipped_heads, ops.sum(ops.stack(counts)) if counts else 0.0)
 
@@ -210,9 +208,7 @@ def clip_factors(max_logits, threshold, alpha, group_size):
     Returns:
         `(query_factors (query_heads,), key_factors (key_heads,))`.
     """
-    gamma = ops.where(
-        max_logits > threshold, threshold / ops.maximum(max_logits, threshold), 1.0
-    )
+    gamma = ops.where(max_logits > threshold, threshold / ops.maximum(max_logits, threshold), 1.0)
     group_gamma = ops.min(ops.reshape(gamma, (-1, group_size)), axis=1)
     key_factors = ops.power(group_gamma, 1.0 - alpha)
     query_factors = gamma / ops.repeat(key_factors, group_size)

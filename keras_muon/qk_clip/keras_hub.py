@@ -25,9 +25,7 @@ def _gemma_mask(layer, query, key, arguments):
     """Gemma narrows the mask to its sliding window inside the method."""
     mask = arguments["attention_mask"]
     if layer.use_sliding_window_attention and mask is not None:
-        mask = layer._mask_sliding_window(
-            mask, cache_update_index=arguments["cache_update_index"]
-        )
+        mask = layer._mask_sliding_window(mask, cache_update_index=arguments["cache_update_index"])
     return mask
 
 
@@ -50,9 +48,7 @@ KERAS_HUB_RULES = {
     ("keras_hub.src.models.mixtral.mixtral_attention", "CachedMixtralAttention"): (
         _LLAMA_LIKE_PUBLIC
     ),
-    ("keras_hub.src.models.qwen_moe.qwen_moe_attention", "QwenMoeAttention"): (
-        _LLAMA_LIKE_PUBLIC
-    ),
+    ("keras_hub.src.models.qwen_moe.qwen_moe_attention", "QwenMoeAttention"): (_LLAMA_LIKE_PUBLIC),
     ("keras_hub.src.models.qwen3.qwen3_attention", "Qwen3Attention"): lambda layer: _QK_NORM,
     ("keras_hub.src.models.qwen3_moe.qwen3_moe_attention", "Qwen3MoeAttention"): (
         lambda layer: _QK_NORM

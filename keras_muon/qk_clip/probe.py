@@ -23,7 +23,6 @@ from keras_muon.qk_clip import keras_hub
 from keras_muon.qk_clip.rules import ATTENTION_RULES
 from keras_muon.qk_clip.rules import AttentionSpec
 
-
 _LOWEST = -3.0e38  # stands for "no allowed position" and keeps 0·S finite
 
 
@@ -48,9 +47,7 @@ def head_max_logits(query, key, scale, mask=None):
     key = ops.cast(ops.stop_gradient(key), "float32")
     _, queries, query_heads, head_dim = query.shape
     key_heads = key.shape[2]
-    grouped = ops.reshape(
-        query, (-1, queries, key_heads, query_heads // key_heads, head_dim)
-    )
+    grouped = ops.reshape(query, (-1, queries, key_heads, query_heads // key_heads, head_dim))
     logits = ops.einsum("btkgd,bskd->bkgts", grouped, key) * scale
     if mask is not None:
         allowed = ops.cast(mask, "bool")[:, None, None, :, :]
@@ -137,8 +134,7 @@ def install_probe(layer, spec):
     key_heads = spec.key.kernel.shape[key_axes[0]]
     if query_heads % key_heads:
         raise ValueError(
-            f"{layer.path}: {query_heads} query heads are not a multiple of "
-            f"{key_heads} key heads"
+            f"{layer.path}: {query_heads} query heads are not a multiple of {key_heads} key heads"
         )
     probe = getattr(layer, "_qk_clip_probe", None)
     if probe is None:

@@ -15,7 +15,6 @@ import keras
 
 from keras_muon.registry import LayerRegistry
 
-
 ATTENTION_RULES = LayerRegistry()
 
 

@@ -181,8 +181,7 @@ class _HeadWalk:
                 self.run(outputs)
                 return True
             if any(
-                id(v) in self.trained
-                and route_by_layer(child, v, per_head=False).view is not None
+                id(v) in self.trained and route_by_layer(child, v, per_head=False).view is not None
                 for v in child._trainable_variables
             ):
                 self._add_head(child, container)
@@ -328,9 +327,11 @@ class _GraphRestored:
         """`layer.call` run on inputs like the arguments of `node`, or None
         if it fails."""
         args, kwargs = tree.map_structure(
-            lambda value: self._stand_in(value, value.shape)
-            if isinstance(value, keras.KerasTensor)
-            else value,
+            lambda value: (
+                self._stand_in(value, value.shape)
+                if isinstance(value, keras.KerasTensor)
+                else value
+            ),
             (node.arguments.args, node.arguments.kwargs),
         )
         outputs = self._call(layer, args, kwargs)
@@ -347,15 +348,11 @@ class _GraphRestored:
         # The input dtype is not recorded: features, else token ids.
         for dtype in ("float32", "int32"):
             inputs = [
-                keras.tree.map_shape_structure(
-                    lambda shape: keras.KerasTensor(shape, dtype), shape
-                )
+                keras.tree.map_shape_structure(lambda shape: keras.KerasTensor(shape, dtype), shape)
                 for shape in shapes.values()
             ]
             outputs = self._call(model, inputs, {})
-            if outputs is not None and any(
-                _carries_prediction(t) for t in tree.flatten(outputs)
-            ):
+            if outputs is not None and any(_carries_prediction(t) for t in tree.flatten(outputs)):
                 return outputs
         return None
 

@@ -19,7 +19,6 @@ from keras_muon.registry import LayerRegistry
 from keras_muon.routing.views import MatrixView
 from keras_muon.routing.views import Route
 
-
 MATRIX_RULES = LayerRegistry()
 
 
@@ -209,9 +208,7 @@ def _conv_transpose_rule(layer, variable, per_head):
     if not _is_kernel(variable):
         return not_a_matrix(layer, variable)
     rank = len(variable.shape) - 2
-    view = MatrixView.from_axes(
-        variable.shape, inputs=(rank + 1,), outputs=range(rank + 1)
-    )
+    view = MatrixView.from_axes(variable.shape, inputs=(rank + 1,), outputs=range(rank + 1))
     return Route(view, f"{type(layer).__name__} kernel")
 
 
@@ -219,9 +216,7 @@ def _separable_conv_rule(layer, variable, per_head):
     if variable.name == "pointwise_kernel":
         # (1..., c_in·multiplier, c_out)
         rank = len(variable.shape) - 2
-        view = MatrixView.from_axes(
-            variable.shape, inputs=range(rank + 1), outputs=(rank + 1,)
-        )
+        view = MatrixView.from_axes(variable.shape, inputs=range(rank + 1), outputs=(rank + 1,))
         return Route(view, f"{type(layer).__name__} pointwise kernel")
     if variable.name == "depthwise_kernel":
         return Route(None, f"{type(layer).__name__} depthwise kernel")

@@ -163,7 +163,6 @@ def compile_patterns(exclude_layers):
             patterns.append(re.compile(pattern))
         except (TypeError, re.error) as e:
             raise ValueError(
-                "`exclude_layers` must be a list of regular expressions. "
-                f"Received {pattern!r}: {e}"
+                f"`exclude_layers` must be a list of regular expressions. Received {pattern!r}: {e}"
             ) from None
     return tuple(patterns)

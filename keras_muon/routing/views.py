@@ -55,8 +55,7 @@ class MatrixView:
         split_shape = tuple(int(d) for d in (split_shape or shape))
         if math.prod(split_shape) != math.prod(shape):
             raise ValueError(
-                f"split_shape {split_shape} does not have the size of the "
-                f"variable shape {shape}"
+                f"split_shape {split_shape} does not have the size of the variable shape {shape}"
             )
         inputs, outputs, blocks = tuple(inputs), tuple(outputs), tuple(blocks)
         perm = blocks + inputs + outputs

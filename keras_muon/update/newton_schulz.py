@@ -89,9 +89,7 @@ def coefficient_schedule(coefficients="polar_express", steps=5):
             diverges (sends a singular value in [0, 1] above 2).
     """
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(
-            f"`ns_steps` must be an integer >= 1. Received: ns_steps={steps!r}"
-        )
+        raise ValueError(f"`ns_steps` must be an integer >= 1. Received: ns_steps={steps!r}")
     steps = int(steps)
     if isinstance(coefficients, str):
         if coefficients == "polar_express":
@@ -254,9 +252,7 @@ def uses_gram_iteration(rows, cols, steps, dtype=None):
     values, so it never does."""
     rows, cols = min(rows, cols), max(rows, cols)
     gram = _flops(rows, cols, _gram_matmuls(steps))
-    return iterate_dtype(dtype) == "float32" and gram < _flops(
-        rows, cols, _plain_matmuls(steps)
-    )
+    return iterate_dtype(dtype) == "float32" and gram < _flops(rows, cols, _plain_matmuls(steps))
 
 
 def newton_schulz_matmuls(rows, cols, steps, dtype=None):
@@ -372,10 +368,7 @@ def _may_use_tf32(x):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return (
-            tf.config.experimental.tensor_float_32_execution_enabled()
-            and _tf_gpu_has_tf32()
-        )
+        return tf.config.experimental.tensor_float_32_execution_enabled() and _tf_gpu_has_tf32()
     if keras.backend.backend() == "torch" and x.device.type == "cuda":
         import torch
 
@@ -398,8 +391,7 @@ def _tf_gpu_has_tf32():
     import tensorflow as tf
 
     return any(
-        tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
-        >= (8, 0)
+        tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) >= (8, 0)
         for gpu in tf.config.list_physical_devices("GPU")
     )
 

@@ -20,7 +20,6 @@ from keras_muon.arguments import Default
 from keras_muon.arguments import boolean
 from keras_muon.arguments import optional_number
 
-
 SCALES = ("moonlight", "jordan", "mup", "naive")
 # The update RMS of the "moonlight" scale and of AdaMuon: that of a typical
 # AdamW update, so that AdamW's learning rate and weight decay carry over.
@@ -176,8 +175,7 @@ def neuron_state_shape(num_blocks, d_in, d_out, neuron_axis):
     """
     if neuron_axis not in NEURON_AXES:
         raise ValueError(
-            f"`neuron_axis` must be one of {NEURON_AXES}. "
-            f"Received: neuron_axis={neuron_axis!r}"
+            f"`neuron_axis` must be one of {NEURON_AXES}. Received: neuron_axis={neuron_axis!r}"
         )
     if neuron_axis == "longer" and d_in > d_out:
         return (num_blocks, d_in, 1)

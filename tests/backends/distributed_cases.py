@@ -25,7 +25,6 @@ import numpy as np
 import keras_muon
 from keras_muon.backends import distributed
 
-
 ROOT = Path(__file__).resolve().parents[2]
 BACKEND = keras.backend.backend()
 
@@ -130,9 +129,7 @@ def muon_momentums(model, optimizer):
 def snapshot(model, optimizer, to_numpy=True):
     """The weights and Muon momentums, as NumPy arrays by name (or the
     backend's arrays, without `to_numpy`)."""
-    arrays = {
-        f"weight {v.path}": v for v in model.trainable_variables if "qk_clip" not in v.path
-    }
+    arrays = {f"weight {v.path}": v for v in model.trainable_variables if "qk_clip" not in v.path}
     for path, momentum in muon_momentums(model, optimizer).items():
         arrays[f"momentum {path}"] = momentum
     if not to_numpy:
@@ -171,7 +168,9 @@ def data_and_model_parallel(devices):
         layout_map[pattern] = layout
     return {
         "DataParallel": keras.distribution.DataParallel(devices=devices),
-        "ModelParallel": keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"),
+        "ModelParallel": keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        ),
     }
 
 
@@ -242,7 +241,9 @@ FULLY_SHARDED_LAYOUTS = {
 # keras-hub models for the expert-parallel and tensor-parallel layouts. All
 # experts are used by every token (top_k = num_experts): a routing decision
 # that round-off flips would say nothing about the optimizer.
-HUB = dict(vocabulary_size=64, num_layers=1, num_query_heads=4, num_key_value_heads=4, hidden_dim=16)
+HUB = dict(
+    vocabulary_size=64, num_layers=1, num_query_heads=4, num_key_value_heads=4, hidden_dim=16
+)
 MIXTRAL = dict(HUB, intermediate_dim=12, num_experts=4, top_k=4)
 LLAMA = dict(HUB, intermediate_dim=32)
 
@@ -324,9 +325,15 @@ def jax_layouts_case():
     for name, (build, layout_map, batch_axis) in runs.items():
         keras.utils.set_random_seed(0)
         weights = build().get_weights()
-        data = initial_weights_and_data()[1] if build is transformer else (tokens[:, :-1], tokens[:, 1:])
+        data = (
+            initial_weights_and_data()[1]
+            if build is transformer
+            else (tokens[:, :-1], tokens[:, 1:])
+        )
         one_device = fit(weights, data, build=build, **options)
-        distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name=batch_axis)
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name=batch_axis
+        )
         model, optimizer = fit(weights, data, distribution.scope(), build=build, **options)
         differences = [
             float(np.max(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b))))
@@ -346,20 +353,25 @@ def jax_layouts_case():
         ("experts alone", one_axis, {"experts/kernel": ("model", None, None)}, experts_model),
         ("fully sharded", one_axis, FULLY_SHARDED_LAYOUTS, transformer),
     ]:
-        distribution = keras.distribution.ModelParallel(layout_map=layouts(mesh, table), batch_dim_name="model")
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layouts(mesh, table), batch_dim_name="model"
+        )
         result[f"{name}: collectives"] = {
             steps: update_collectives(distribution, build, keras_muon.Muon(ns_steps=steps))
             for steps in (5, 10)
         }
     with keras.distribution.ModelParallel(
-        layout_map=layouts(one_axis, {"experts/kernel": ("model", None, None)}), batch_dim_name="model"
+        layout_map=layouts(one_axis, {"experts/kernel": ("model", None, None)}),
+        batch_dim_name="model",
     ).scope():
         model = experts_model()
         optimizer = keras_muon.Muon(hyperball=True)
         optimizer.attach(model)
         optimizer.build(model.trainable_variables)
         result["radius layout"] = {
-            v.path.split("/", 1)[1]: list(v.value.sharding.spec) for v in optimizer.variables if "radius" in v.path
+            v.path.split("/", 1)[1]: list(v.value.sharding.spec)
+            for v in optimizer.variables
+            if "radius" in v.path
         }
     return result
 
@@ -405,9 +417,7 @@ def tensorflow_case(strategy_name):
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
     weights, data = initial_weights_and_data()
     one_device = snapshot(*fit(weights, data))
@@ -475,9 +485,7 @@ def tensorflow_raw_variables_case():
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
     def train(strategy):
         with strategy.scope():
@@ -648,7 +656,9 @@ def run_processes(case, count, tmp_path, timeout=600):
         subprocess.Popen(
             [sys.executable, __file__, f"{case}:{i},{ports}", str(output)],
             env=dict(os.environ, KERAS_BACKEND=BACKEND),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i, output in enumerate(outputs)
     ]

@@ -158,13 +158,17 @@ def test_two_jax_processes_match_one_device_and_resume_on_one(tmp_path):
     uninterrupted, _ = fit(weights, data, per_head=True)
     uninterrupted.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
     resumed = transformer()
-    resumed.compile(optimizer=keras_muon.Muon(learning_rate=LEARNING_RATE, per_head=True), loss=loss())
+    resumed.compile(
+        optimizer=keras_muon.Muon(learning_rate=LEARNING_RATE, per_head=True), loss=loss()
+    )
     resumed.optimizer.build(resumed.trainable_variables)
     resumed.load_weights(tmp_path / "process0.keras")
     assert int(resumed.optimizer.iterations) == STEPS
     resumed.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
     for got, want in zip(resumed.weights, uninterrupted.weights):
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want), atol=1e-4)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want), atol=1e-4
+        )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
@@ -181,11 +185,19 @@ def test_sharded_expert_and_tensor_parallel_layouts(tmp_path):
     # its expert axis keeps (experts, 1, d_out) split on it.
     state = result["fully sharded"]["sharded state"]
     assert state["block0_attention_query_kernel_neuron_second_moment"] == [None, "model", None]
-    assert state["block0_attention_attention_output_kernel_neuron_second_moment"] == [None, None, "model"]
+    assert state["block0_attention_attention_output_kernel_neuron_second_moment"] == [
+        None,
+        None,
+        "model",
+    ]
     experts = result["expert parallel"]["sharded state"]
     assert len(experts) == 3 and all(spec == ["model", None, None] for spec in experts.values())
     llama = result["keras-hub layout map"]["sharded state"]
-    assert llama["transformer_layer_0_self_attention_query_kernel_neuron_second_moment"] == ["batch", "model", None]
+    assert llama["transformer_layer_0_self_attention_query_kernel_neuron_second_moment"] == [
+        "batch",
+        "model",
+        None,
+    ]
     assert result["radius layout"] == {"experts_kernel_radius": ["model"]}
     # Expert banks laid out whole on their devices are orthogonalized there:
     # no collective at all. Fully sharded: the same collectives whatever

@@ -20,7 +20,6 @@ from keras import ops
 import keras_muon
 from keras_muon.update import rule
 
-
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="the multi-tensor update is torch's"
 )
@@ -33,7 +32,10 @@ CASES = {
     "Muon without Nesterov": (keras_muon.Muon, {"nesterov": False}),
     "Muon, cautious weight decay": (keras_muon.Muon, {"cautious_weight_decay": True}),
     "Muon, some variables not decayed": (keras_muon.Muon, {}),
-    "Muon, scale jordan, AdamW at 0.1×": (keras_muon.Muon, {"scale": "jordan", "adam_lr_ratio": 0.1}),
+    "Muon, scale jordan, AdamW at 0.1×": (
+        keras_muon.Muon,
+        {"scale": "jordan", "adam_lr_ratio": 0.1},
+    ),
     "NorMuon": (keras_muon.NorMuon, {}),
     "AdaMuon": (keras_muon.AdaMuon, {}),
     "AdaMuon, cautious": (keras_muon.AdaMuon, {"cautious_weight_decay": True}),
@@ -81,7 +83,9 @@ def scalar(value):
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_momentum_and_direction(nesterov):
     momentums, gradients = tensors(0), tensors(1)
-    generic = [rule.momentum_and_direction(m, g, 0.95, nesterov) for m, g in zip(momentums, gradients)]
+    generic = [
+        rule.momentum_and_direction(m, g, 0.95, nesterov) for m, g in zip(momentums, gradients)
+    ]
     twin_momentums = copies(momentums)
     directions = torch_foreach().momentum_and_direction(twin_momentums, gradients, 0.95, nesterov)
     assert_identical(twin_momentums, [m for m, _ in generic])
@@ -114,7 +118,9 @@ def test_decayed(cautious):
     torch_foreach().decayed(twin, updates, rate, cautious)
     assert_identical(twin, generic)
     if cautious:  # some entries decayed, some not
-        changed = [ops.convert_to_numpy(a) != ops.convert_to_numpy(b) for a, b in zip(twin, weights)]
+        changed = [
+            ops.convert_to_numpy(a) != ops.convert_to_numpy(b) for a, b in zip(twin, weights)
+        ]
         assert 0 < sum(c.sum() for c in changed) < sum(c.size for c in changed)
 
 
@@ -144,9 +150,7 @@ def language_model(dtype=None):
 
 def with_generic_phases(monkeypatch):
     """Makes `Muon` run its generic phases on torch, not their twins."""
-    twins = [
-        name for name, value in vars(keras_muon.Muon).items() if hasattr(value, "__wrapped__")
-    ]
+    twins = [name for name, value in vars(keras_muon.Muon).items() if hasattr(value, "__wrapped__")]
     assert sorted(twins) == ["_adamw_update", "_momentum_update", "_muon_update"]
     for name in twins:
         monkeypatch.setattr(keras_muon.Muon, name, getattr(keras_muon.Muon, name).__wrapped__)
@@ -181,7 +185,9 @@ def train(case, monkeypatch, dtype=None, gradients=None):
             gradients.append([g.detach() for g in torch.autograd.grad(loss, variables)])
         optimizer.apply(list(gradients[step]), model.trainable_variables)
     monkeypatch.undo()
-    arrays = {v.path: ops.convert_to_numpy(ops.cast(v, "float32")) for v in model.trainable_variables}
+    arrays = {
+        v.path: ops.convert_to_numpy(ops.cast(v, "float32")) for v in model.trainable_variables
+    }
     arrays.update({v.path: ops.convert_to_numpy(v) for v in optimizer.variables})
     return arrays, optimizer, gradients
 
@@ -208,7 +214,9 @@ def test_multi_tensor_update_of_16_bit_variables(dtype, monkeypatch):
         np.testing.assert_array_equal(fast[name], generic[name], err_msg=name)
 
 
-@pytest.mark.parametrize("optimizer_type", [keras_muon.Muon, keras_muon.NorMuon, keras_muon.AdaMuon])
+@pytest.mark.parametrize(
+    "optimizer_type", [keras_muon.Muon, keras_muon.NorMuon, keras_muon.AdaMuon]
+)
 def test_every_class_runs_the_twins(optimizer_type, monkeypatch):
     called = []
     module = torch_foreach()
@@ -220,7 +228,9 @@ def test_every_class_runs_the_twins(optimizer_type, monkeypatch):
     model = language_model()
     optimizer = optimizer_type()
     optimizer.attach(model)
-    optimizer.apply([ops.ones_like(v) for v in model.trainable_variables], model.trainable_variables)
+    optimizer.apply(
+        [ops.ones_like(v) for v in model.trainable_variables], model.trainable_variables
+    )
     assert called == ["adamw_update", "momentum_update", "muon_update"]
 
 
@@ -238,7 +248,9 @@ def test_a_subclass_overriding_a_phase_runs_its_override():
     optimizer = StillMuon(learning_rate=0.05, weight_decay=0.0)
     optimizer.attach(model)
     before = {v.path: ops.convert_to_numpy(v) for v in model.trainable_variables}
-    optimizer.apply([ops.ones_like(v) for v in model.trainable_variables], model.trainable_variables)
+    optimizer.apply(
+        [ops.ones_like(v) for v in model.trainable_variables], model.trainable_variables
+    )
     routes = {row["path"]: row["route"] for row in optimizer.routing_table()}
     for v in model.trainable_variables:
         moved = not np.array_equal(ops.convert_to_numpy(v), before[v.path])

@@ -11,8 +11,10 @@ from keras import ops
 
 import keras_muon
 from keras_muon.monitor import statistics
-from tests.helpers import classifier_data, small_classifier
-from tests.qk_clip.attention import fit_one_step, without_learning
+from tests.helpers import classifier_data
+from tests.helpers import small_classifier
+from tests.qk_clip.attention import fit_one_step
+from tests.qk_clip.attention import without_learning
 
 BACKEND = keras.backend.backend()
 LEARNING_RATE = 0.01

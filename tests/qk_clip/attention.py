@@ -7,7 +7,6 @@ from keras import ops
 import keras_muon
 from tests import reference
 
-
 BATCH, SEQUENCE, WIDTH, VOCABULARY = 4, 8, 16, 32
 
 
@@ -18,7 +17,9 @@ def attention_model(kind="mha", padding=False):
     inputs = [tokens]
     # Unit-scale embeddings: logits of order 1, each head's max positive.
     x = keras.layers.Embedding(
-        VOCABULARY, WIDTH, embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+        VOCABULARY,
+        WIDTH,
+        embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
         name="embedding",
     )(tokens)
     kwargs = {"use_causal_mask": True}

@@ -144,7 +144,9 @@ def test_invalid_arguments_name_the_problem(kwargs, message):
         keras_muon.Muon(**kwargs)
 
 
-@pytest.mark.parametrize("optimizer_type", [keras_muon.Muon, keras_muon.NorMuon, keras_muon.AdaMuon])
+@pytest.mark.parametrize(
+    "optimizer_type", [keras_muon.Muon, keras_muon.NorMuon, keras_muon.AdaMuon]
+)
 def test_config_round_trip_and_summary(optimizer_type):
     optimizer = optimizer_type(qk_clip_threshold=50.0, qk_clip_alpha=0.25)
     config = optimizer.get_config()
@@ -160,5 +162,3 @@ def test_config_round_trip_and_summary(optimizer_type):
     assert "attention        4/2" in text and "clipped" in text
     assert "qk_clip_probe" not in text  # not a weight of the model
     assert all("qk_clip" not in row["path"] for row in optimizer.routing_table())
-
-

@@ -11,7 +11,6 @@ from tests.qk_clip.attention import VOCABULARY
 from tests.qk_clip.attention import WIDTH
 from tests.qk_clip.attention import middle_threshold
 
-
 HUB_MODELS = {
     "Llama": dict(num_query_heads=4, num_key_value_heads=2, intermediate_dim=32),
     "Gemma": dict(num_query_heads=4, num_key_value_heads=2, intermediate_dim=32, head_dim=4),
@@ -44,7 +43,7 @@ def hub_step(model, threshold):
 def test_keras_hub_attention_is_clipped_to_the_threshold(name):
     keras.utils.set_random_seed(6)
     model = hub_causal_lm(name)
-    (path, before), = hub_step(model, 1e9).max_logits().items()
+    ((path, before),) = hub_step(model, 1e9).max_logits().items()
     threshold = middle_threshold(before)
     clipping = hub_step(model, threshold)
     assert clipping.clipped_heads() == np.sum(before > threshold)

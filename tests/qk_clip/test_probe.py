@@ -20,7 +20,9 @@ def test_head_max_logits_match_the_reference_with_groups_and_masks():
     for m in (None, mask):
         expected = reference.head_max_logits(query, key, 0.5, m)
         actual = head_max_logits(
-            ops.convert_to_tensor(query), ops.convert_to_tensor(key), 0.5,
+            ops.convert_to_tensor(query),
+            ops.convert_to_tensor(key),
+            0.5,
             None if m is None else ops.convert_to_tensor(m),
         )
         np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5)

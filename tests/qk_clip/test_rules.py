@@ -55,7 +55,9 @@ def plain_attention_registered():
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_a_registered_layer_is_clipped_or_listed_with_its_reason(normalize, plain_attention_registered):
+def test_a_registered_layer_is_clipped_or_listed_with_its_reason(
+    normalize, plain_attention_registered
+):
     keras.utils.set_random_seed(5)
     tokens = keras.Input((SEQUENCE,), dtype="int32")
     x = keras.layers.Embedding(VOCABULARY, WIDTH, name="embedding")(tokens)

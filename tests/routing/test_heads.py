@@ -13,7 +13,9 @@ from tests.helpers import table_for
 
 
 def test_output_head_inside_a_nested_model():
-    head = keras.Sequential([layers.Dense(8, name="inner_hidden"), layers.Dense(3, name="inner_out")])
+    head = keras.Sequential(
+        [layers.Dense(8, name="inner_hidden"), layers.Dense(3, name="inner_out")]
+    )
     inputs = keras.Input((4,))
     outputs = layers.Softmax()(head(layers.Dense(8, name="outer")(inputs)))
     table = table_for(keras.Model(inputs, outputs))
@@ -38,7 +40,11 @@ def test_only_the_used_output_of_a_nested_model_is_followed():
     inputs = keras.Input((4,))
     hidden = layers.Dense(8, name="shared")(inputs)
     backbone = keras.Model(
-        inputs, {"sequence": layers.Dense(8, name="last")(hidden), "pooled": layers.Dense(8, name="pooler")(hidden)}
+        inputs,
+        {
+            "sequence": layers.Dense(8, name="last")(hidden),
+            "pooled": layers.Dense(8, name="pooler")(hidden),
+        },
     )
     outer_inputs = keras.Input((4,))
     outputs = layers.Dense(2, name="classifier")(backbone(outer_inputs)["sequence"])
@@ -56,7 +62,12 @@ def test_a_branch_added_into_a_residual_output_is_not_a_head(add):
     h = layers.Dense(8, name="h")(inputs)
     outputs = add([h, layers.Dense(8, name="last")(h)])
     table = table_for(keras.Model(inputs, outputs))
-    assert routes(table) == {"h/kernel": "muon", "h/bias": "adamw", "last/kernel": "muon", "last/bias": "adamw"}
+    assert routes(table) == {
+        "h/kernel": "muon",
+        "h/bias": "adamw",
+        "last/kernel": "muon",
+        "last/bias": "adamw",
+    }
     assert table["last/kernel"]["reason"] == "Dense kernel"
 
 
@@ -192,8 +203,12 @@ def test_keras_hub_gpt2():
     import keras_hub
 
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=8,
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=8,
     )
     table = table_for(keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None))
     block = "transformer_layer_0"
@@ -215,7 +230,11 @@ def test_functional_logits_from_the_embedding_table():
     x = layers.Dense(8, name="mixer")(embedding(tokens))
     logits = ops.einsum("btd,vd->btv", x, embedding.embeddings)
     table = table_for(keras.Model(tokens, logits))
-    assert routes(table) == {"tok/embeddings": "adamw", "mixer/kernel": "muon", "mixer/bias": "adamw"}
+    assert routes(table) == {
+        "tok/embeddings": "adamw",
+        "mixer/kernel": "muon",
+        "mixer/bias": "adamw",
+    }
     assert table["tok/embeddings"]["reason"] == "output head (Einsum with tok/embeddings)"
 
 
@@ -263,8 +282,13 @@ def test_keras_hub_masked_lm_heads_keep_their_hidden_projection_on_muon(task):
     keras_hub = pytest.importorskip("keras_hub")
     backbone_name, extra = MASKED_LMS[task]
     backbone = getattr(keras_hub.models, backbone_name)(
-        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=16, **extra,
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+        **extra,
     )
     table = table_for(getattr(keras_hub.models, task)(backbone=backbone, preprocessor=None))
     assert table["mlm_head/intermediate_dense/kernel"]["route"] == "muon"
@@ -276,12 +300,23 @@ def test_keras_hub_masked_lm_heads_keep_their_hidden_projection_on_muon(task):
 def test_keras_hub_gemma3n_altup_projections_stay_on_muon():
     keras_hub = pytest.importorskip("keras_hub")
     backbone = keras_hub.models.Gemma3nBackbone(
-        text_vocab_size=64, text_hidden_size=16, num_hidden_layers=1, pad_token_id=0,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=[32],
-        hidden_activation="gelu_approximate", layer_types=["full_attention"],
-        sliding_window=8, rope_theta=10000.0, max_position_embeddings=32,
-        vocab_size_per_layer_input=64, hidden_size_per_layer_input=4,
-        altup_num_inputs=3, laurel_rank=2,
+        text_vocab_size=64,
+        text_hidden_size=16,
+        num_hidden_layers=1,
+        pad_token_id=0,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=[32],
+        hidden_activation="gelu_approximate",
+        layer_types=["full_attention"],
+        sliding_window=8,
+        rope_theta=10000.0,
+        max_position_embeddings=32,
+        vocab_size_per_layer_input=64,
+        hidden_size_per_layer_input=4,
+        altup_num_inputs=3,
+        laurel_rank=2,
     )
     table = table_for(keras_hub.models.Gemma3nCausalLM(backbone=backbone, preprocessor=None))
     projections = [p for p in table if "altup_unembed_projection" in p]
@@ -331,9 +366,13 @@ def test_a_subclassed_model_that_cannot_be_traced_is_guessed():
 def test_tracing_leaves_the_layers_as_they_were():
     model = HeadDeclaredFirst()
     model(np.ones((2, 4)))
-    before = {id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()}
+    before = {
+        id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()
+    }
     table_for(model)
-    after = {id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()}
+    after = {
+        id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()
+    }
     assert after == before
 
 
@@ -378,8 +417,14 @@ def test_outputs_that_depend_on_a_layer_only_through_its_shape(mask_layer):
 def test_keras_hub_moonshine_mask_output_makes_no_head():
     keras_hub = pytest.importorskip("keras_hub")
     backbone = keras_hub.models.MoonshineBackbone(
-        vocabulary_size=64, filter_dim=16, encoder_num_layers=1, decoder_num_layers=1,
-        hidden_dim=16, intermediate_dim=32, encoder_num_heads=2, decoder_num_heads=2,
+        vocabulary_size=64,
+        filter_dim=16,
+        encoder_num_layers=1,
+        decoder_num_layers=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        encoder_num_heads=2,
+        decoder_num_heads=2,
     )
     table = table_for(backbone)
     assert table["conv3/kernel"]["route"] == "muon"

@@ -11,10 +11,11 @@ from keras_muon.routing import keras_hub as routing_keras_hub
 from keras_muon.routing.keras_layers import route_by_layer
 from tests import reference
 
-
 keras_hub = pytest.importorskip("keras_hub")
 HIDDEN, EXPERT_UNITS, EXPERTS = 16, 12, 4
-ATTENTION = dict(vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=HIDDEN)
+ATTENTION = dict(
+    vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=HIDDEN
+)
 UP = ((HIDDEN, EXPERT_UNITS), EXPERTS)
 FUSED_UP = ((HIDDEN, EXPERT_UNITS), 2 * EXPERTS)
 DOWN = ((EXPERT_UNITS, HIDDEN), EXPERTS)
@@ -29,29 +30,71 @@ MOE_MODELS = {
         },
     ),
     "QwenMoe": (
-        dict(ATTENTION, intermediate_dim=24, moe_intermediate_dim=EXPERT_UNITS,
-             shared_expert_intermediate_dim=20, num_experts=EXPERTS, top_k=2),
-        {"experts/expert_feedforward_gate_dense": FUSED_UP, "experts/expert_feedforward_output_dense": DOWN},
+        dict(
+            ATTENTION,
+            intermediate_dim=24,
+            moe_intermediate_dim=EXPERT_UNITS,
+            shared_expert_intermediate_dim=20,
+            num_experts=EXPERTS,
+            top_k=2,
+        ),
+        {
+            "experts/expert_feedforward_gate_dense": FUSED_UP,
+            "experts/expert_feedforward_output_dense": DOWN,
+        },
     ),
     "Qwen3Moe": (
-        dict(ATTENTION, intermediate_dim=24, moe_intermediate_dim=EXPERT_UNITS,
-             num_experts=EXPERTS, top_k=2, head_dim=8),
-        {"experts/expert_feedforward_gate_dense": FUSED_UP, "experts/expert_feedforward_output_dense": DOWN},
+        dict(
+            ATTENTION,
+            intermediate_dim=24,
+            moe_intermediate_dim=EXPERT_UNITS,
+            num_experts=EXPERTS,
+            top_k=2,
+            head_dim=8,
+        ),
+        {
+            "experts/expert_feedforward_gate_dense": FUSED_UP,
+            "experts/expert_feedforward_output_dense": DOWN,
+        },
     ),
     "Qwen3_5Moe": (
-        dict(ATTENTION, head_dim=8, moe_intermediate_dim=EXPERT_UNITS, shared_expert_intermediate_size=20,
-             num_experts=EXPERTS, top_k=2, linear_num_key_heads=2, linear_num_value_heads=2,
-             linear_key_head_dim=8, linear_value_head_dim=8),
-        {"experts/expert_feedforward_gate_dense": FUSED_UP, "experts/expert_feedforward_output_dense": DOWN},
+        dict(
+            ATTENTION,
+            head_dim=8,
+            moe_intermediate_dim=EXPERT_UNITS,
+            shared_expert_intermediate_size=20,
+            num_experts=EXPERTS,
+            top_k=2,
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+        {
+            "experts/expert_feedforward_gate_dense": FUSED_UP,
+            "experts/expert_feedforward_output_dense": DOWN,
+        },
     ),
     "GptOss": (
         dict(ATTENTION, intermediate_dim=EXPERT_UNITS, num_experts=EXPERTS, top_k=2, head_dim=8),
         {"experts/gate_up_proj": FUSED_UP, "experts/down_proj": DOWN},
     ),
     "Gemma4": (
-        dict(ATTENTION, image_size=16, intermediate_dim=24, head_dim=8, enable_moe_block=True,
-             num_experts=EXPERTS, expert_intermediate_dim=EXPERT_UNITS, num_experts_per_token=2),
-        {"moe_expert_bank/gate_proj": UP, "moe_expert_bank/up_proj": UP, "moe_expert_bank/down_proj": DOWN},
+        dict(
+            ATTENTION,
+            image_size=16,
+            intermediate_dim=24,
+            head_dim=8,
+            enable_moe_block=True,
+            num_experts=EXPERTS,
+            expert_intermediate_dim=EXPERT_UNITS,
+            num_experts_per_token=2,
+        ),
+        {
+            "moe_expert_bank/gate_proj": UP,
+            "moe_expert_bank/up_proj": UP,
+            "moe_expert_bank/down_proj": DOWN,
+        },
     ),
 }
 
@@ -91,7 +134,9 @@ def test_expert_banks_route_to_muon_per_expert(name):
 def test_fused_views_read_the_matrices_the_layers_multiply_by():
     bank = np.arange(3 * 4 * 10, dtype="float32").reshape(3, 4, 10)  # (E, d, 2·5)
     halves = ops.convert_to_numpy(routing_keras_hub.fused_halves_view(bank.shape).to_blocks(bank))
-    interleaved = ops.convert_to_numpy(routing_keras_hub.interleaved_view(bank.shape).to_blocks(bank))
+    interleaved = ops.convert_to_numpy(
+        routing_keras_hub.interleaved_view(bank.shape).to_blocks(bank)
+    )
     assert halves.shape == interleaved.shape == (6, 4, 5)
     for expert in range(3):
         # `gate, up = ops.split(x @ W, 2, axis=-1)` (Qwen MoE)
@@ -143,9 +188,15 @@ def test_each_expert_is_orthogonalized_on_its_own(name):
         blocks = to_blocks(before[path])
         _, d_in, d_out = blocks.shape
         expected, _ = reference.muon_step(
-            blocks, np.zeros_like(blocks), to_blocks(gradient[path]),
-            lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1,
-            scale=reference.scale("moonlight", d_in, d_out), schedule=schedule,
+            blocks,
+            np.zeros_like(blocks),
+            to_blocks(gradient[path]),
+            lr=0.02,
+            momentum=0.95,
+            nesterov=True,
+            weight_decay=0.1,
+            scale=reference.scale("moonlight", d_in, d_out),
+            schedule=schedule,
         )
         np.testing.assert_allclose(to_blocks(after[path]), expected, atol=2e-6, err_msg=path)
 
@@ -186,7 +237,9 @@ def test_rwkv7_low_rank_projections_are_matrices():
         hidden_size=32, head_size=16, num_layers=1, vocabulary_size=64, intermediate_dim=64
     )
     table = routing_table(backbone)
-    factors = {p: r for p, r in table.items() if p.split("/")[-1] in ("w1", "w2", "a1", "a2", "g1", "g2")}
+    factors = {
+        p: r for p, r in table.items() if p.split("/")[-1] in ("w1", "w2", "a1", "a2", "g1", "g2")
+    }
     assert len(factors) == 6
     for path, row in factors.items():
         assert (row["route"], row["matrix_shape"]) == ("muon", row["shape"]), row

@@ -335,12 +335,17 @@ def test_spectral_normalization_routes_as_the_wrapped_layer():
         layers.EinsumDense("abcd,de->abce", (6, 6, 5), name="einsum"), name="sn_einsum"
     )(x)
     tokens = keras.Input((3,), dtype="int32")
-    embedded = layers.SpectralNormalization(layers.Embedding(10, 5, name="embed"), name="sn_embed")(tokens)
+    embedded = layers.SpectralNormalization(layers.Embedding(10, 5, name="embed"), name="sn_embed")(
+        tokens
+    )
     pooled = layers.Concatenate()(
         [layers.GlobalAveragePooling2D()(x), layers.GlobalAveragePooling1D()(embedded)]
     )
     table = table_for(keras.Model([images, tokens], layers.Dense(2, name="head")(pooled)))
-    assert (table["sn_conv/conv/kernel"]["route"], table["sn_conv/conv/kernel"]["matrix_shape"]) == ("muon", (27, 4))
+    assert (
+        table["sn_conv/conv/kernel"]["route"],
+        table["sn_conv/conv/kernel"]["matrix_shape"],
+    ) == ("muon", (27, 4))
     assert table["sn_conv/conv/kernel"]["reason"] == "Conv2D kernel"
     assert table["sn_einsum/einsum/kernel"]["matrix_shape"] == (4, 5)
     assert table["sn_embed/embed/embeddings"]["route"] == "adamw"
@@ -389,8 +394,14 @@ def test_lora_factors_of_attention_projections(per_head):
         "attention/attention_output/lora_kernel_b": ((4, 8), 1),
     }
     # The rank is A's last axis and B's first, not the shortest axis (2 heads).
-    reasons = [s.route.reason for v, s in zip(optimizer._trainable_variables, optimizer._states) if "lora" in v.path]
-    assert len(reasons) == 4 and all(r.endswith("(rank 4)" + (" per head" if per_head and "_a" in r else "")) for r in reasons), reasons
+    reasons = [
+        s.route.reason
+        for v, s in zip(optimizer._trainable_variables, optimizer._states)
+        if "lora" in v.path
+    ]
+    assert len(reasons) == 4 and all(
+        r.endswith("(rank 4)" + (" per head" if per_head and "_a" in r else "")) for r in reasons
+    ), reasons
     a = np.random.default_rng(0).normal(size=(8, 2, 4)).astype("float32")
     blocks = ops.convert_to_numpy(views["attention/query/lora_kernel_a"].to_blocks(a))
     expected = a.transpose(1, 0, 2) if per_head else a.reshape(1, 8, 8)
@@ -404,4 +415,7 @@ def test_a_conv_with_one_channel_per_group_is_depthwise():
     table = table_for(keras.Model(images, layers.Dense(2, name="head")(x)))
     assert table["depthwise/kernel"]["route"] == "adamw"
     assert table["depthwise/kernel"]["reason"] == "Conv2D depthwise kernel (groups=channels)"
-    assert (table["multiplier/kernel"]["matrix_shape"], table["multiplier/kernel"]["num_blocks"]) == ((9, 2), 4)
+    assert (
+        table["multiplier/kernel"]["matrix_shape"],
+        table["multiplier/kernel"]["num_blocks"],
+    ) == ((9, 2), 4)

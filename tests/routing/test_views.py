@@ -37,14 +37,18 @@ def test_wide_blocks_are_the_blocks_with_no_more_rows_than_columns(shape):
     wide = ops.convert_to_numpy(view.to_wide_blocks(ops.convert_to_tensor(x)))
     assert wide.shape == (1, 6, 10) and wide.dtype == np.float32
     np.testing.assert_array_equal(wide[0], x if shape[0] <= shape[1] else x.T)
-    back = ops.convert_to_numpy(view.from_blocks(view.from_wide_blocks(ops.convert_to_tensor(wide))))
+    back = ops.convert_to_numpy(
+        view.from_blocks(view.from_wide_blocks(ops.convert_to_tensor(wide)))
+    )
     np.testing.assert_array_equal(back, x)
 
 
 def test_blocks_round_trip_through_a_permuted_view():
     # (heads, head_dim, d_model) per head: blocks index the first axis.
     view = MatrixView.from_axes((2, 3, 4), inputs=(1,), outputs=(2,), blocks=(0,))
-    split = MatrixView.from_axes((5, 8), inputs=(0,), outputs=(2,), blocks=(1,), split_shape=(5, 2, 4))
+    split = MatrixView.from_axes(
+        (5, 8), inputs=(0,), outputs=(2,), blocks=(1,), split_shape=(5, 2, 4)
+    )
     for v in (view, split):
         x = np.random.default_rng(0).normal(size=v.shape).astype("float32")
         blocks = v.to_blocks(ops.convert_to_tensor(x))

@@ -53,6 +53,7 @@ def test_batched_update_equals_one_variable_at_a_time(monkeypatch):
     model = feed_forward_and_attention_model()
     weights = model.get_weights()
     batched = train_two_steps(model, weights, keras_muon.Muon(weight_decay=0.1))
+
     # The path of tf.distribute strategies other than MirroredStrategy:
     # `update_step` for each variable.
     def one_variable_at_a_time(optimizer, grads, variables, learning_rate):
@@ -76,13 +77,23 @@ def entry(shape, name):
 
 
 def test_stack_by_shape_and_unstack_round_trip():
-    entries = [entry((4, 6), "wide"), entry((6, 4), "tall"), entry((3, 4, 4), "heads"), entry((4, 4), "square")]
+    entries = [
+        entry((4, 6), "wide"),
+        entry((6, 4), "tall"),
+        entry((3, 4, 4), "heads"),
+        entry((4, 4), "square"),
+    ]
     rng = np.random.default_rng(0)
     values = [rng.normal(size=e.state.route.view.shape).astype("float32") for e in entries]
-    wide = [e.state.route.view.to_wide_blocks(ops.convert_to_tensor(v)) for e, v in zip(entries, values)]
+    wide = [
+        e.state.route.view.to_wide_blocks(ops.convert_to_tensor(v)) for e, v in zip(entries, values)
+    ]
     batches = batching.stack_by_shape(entries, wide)
     # The tall block joins the wide one's batch, in order of appearance.
-    assert [[e.variable for e in b.entries] for b in batches] == [["wide", "tall"], ["heads", "square"]]
+    assert [[e.variable for e in b.entries] for b in batches] == [
+        ["wide", "tall"],
+        ["heads", "square"],
+    ]
     assert [tuple(b.blocks.shape) for b in batches] == [(2, 4, 6), (4, 4, 4)]
     for batch in batches:
         for (e, blocks), original in zip(

@@ -63,9 +63,7 @@ def test_polar_express_5_steps_reaches_its_documented_range(shape):
     sigma_out = singular_values(out)[:24]
     assert sigma_out.min() >= 0.835 and sigma_out.max() <= 1.13
     # Only singular values change: the singular vectors are those of x.
-    np.testing.assert_allclose(
-        reference.svd_msign(out), reference.svd_msign(x), atol=2e-4
-    )
+    np.testing.assert_allclose(reference.svd_msign(out), reference.svd_msign(x), atol=2e-4)
 
 
 @pytest.mark.parametrize("steps", [7, 8])
@@ -89,9 +87,7 @@ def test_singular_values_follow_the_schedule_polynomials(coefficients, steps):
         np.sort(singular_values(out)), np.sort(expected), atol=2e-3 * expected.max()
     )
     # The singular vectors are those of x: the polar factors agree.
-    np.testing.assert_allclose(
-        reference.svd_msign(out), reference.svd_msign(x), atol=2e-3
-    )
+    np.testing.assert_allclose(reference.svd_msign(out), reference.svd_msign(x), atol=2e-3)
 
 
 @pytest.mark.parametrize("coefficients", ["polar_express", "jordan", "you"])
@@ -174,9 +170,7 @@ def test_very_wide_matrix():
     "dtype, relative_error, sigma_range",
     [("bfloat16", 0.15, (0.82, 1.14)), ("float16", 0.02, (0.83, 1.13))],
 )
-def test_low_precision_iteration_is_close_to_float32(
-    dtype, relative_error, sigma_range
-):
+def test_low_precision_iteration_is_close_to_float32(dtype, relative_error, sigma_range):
     x = with_singular_values(SIGMA, 24, 36)
     out = run_msign(x, dtype=dtype)
     assert out.dtype == np.float32
@@ -189,9 +183,7 @@ def test_low_precision_iteration_is_close_to_float32(
 # And the iteration really runs in that dtype: float32 stays within about
 # 1e-5 of the float64 iteration, bfloat16 (8 significant bits) moves this
 # matrix's result by 7–9% and float16 (11 bits) by about 1% on every backend.
-@pytest.mark.parametrize(
-    "dtype, least_relative_error", [("bfloat16", 0.03), ("float16", 3e-3)]
-)
+@pytest.mark.parametrize("dtype, least_relative_error", [("bfloat16", 0.03), ("float16", 3e-3)])
 def test_low_precision_iteration_is_not_float32(dtype, least_relative_error):
     x = ops.convert_to_tensor(with_singular_values(SIGMA, 24, 36))
     schedule = coefficient_schedule("polar_express", 5)
@@ -227,9 +219,7 @@ def test_polar_express_follows_the_papers_algorithm():
 
     x = np.random.default_rng(9).normal(size=(12, 20)).astype("float32")
     for steps in (1, 5, 8, 10):
-        np.testing.assert_allclose(
-            run_msign(x, steps=steps), paper(x, steps), atol=2e-5
-        )
+        np.testing.assert_allclose(run_msign(x, steps=steps), paper(x, steps), atol=2e-5)
 
 
 # The published tables, written out here rather than read from the code.
@@ -284,9 +274,7 @@ def test_custom_schedule_repeats_its_last_triple():
         (1.875, -1.25, 0.375),
         (1.875, -1.25, 0.375),
     )
-    assert coefficient_schedule((3.4445, -4.775, 2.0315), 2) == coefficient_schedule(
-        "jordan", 2
-    )
+    assert coefficient_schedule((3.4445, -4.775, 2.0315), 2) == coefficient_schedule("jordan", 2)
 
 
 @pytest.mark.parametrize(
@@ -359,9 +347,7 @@ def test_flop_count_is_that_of_the_products_performed(monkeypatch, shape, steps,
         return matmul(a, b, dtype)
 
     monkeypatch.setattr(newton_schulz_module, "matmul", counting_matmul)
-    x = ops.convert_to_tensor(
-        np.random.default_rng(11).normal(size=(3, *shape)).astype("float32")
-    )
+    x = ops.convert_to_tensor(np.random.default_rng(11).normal(size=(3, *shape)).astype("float32"))
     newton_schulz(x, coefficient_schedule("polar_express", steps), dtype)
     assert sum(performed) == 3 * newton_schulz_flops(*shape, steps, dtype)
 
@@ -418,16 +404,11 @@ def test_three_tf32_products_recover_float32_accuracy(monkeypatch):
     # Emulated TF32 products: one alone is 7.7e-4 off the float64 product
     # here, the three of tf32_x3 3.5e-7, a float32 product 2e-7.
     rng = np.random.default_rng(13)
-    a, b = (
-        rng.normal(size=shape).astype(np.float32)
-        for shape in [(2, 96, 128), (2, 128, 80)]
-    )
+    a, b = (rng.normal(size=shape).astype(np.float32) for shape in [(2, 96, 128), (2, 128, 80)])
     exact = a.astype(np.float64) @ b.astype(np.float64)
     monkeypatch.setattr(newton_schulz_module, "_product", tf32_product)
     one = ops.convert_to_numpy(tf32_product(a, b))
-    three = ops.convert_to_numpy(
-        tf32_x3(ops.convert_to_tensor(a), ops.convert_to_tensor(b))
-    )
+    three = ops.convert_to_numpy(tf32_x3(ops.convert_to_tensor(a), ops.convert_to_tensor(b)))
     assert relative_error(one, exact) > 5e-4
     assert relative_error(three, exact) < 5e-7
 
@@ -438,9 +419,7 @@ def test_float32_iteration_on_emulated_tf32_is_as_accurate_as_on_a_cpu(monkeypat
     # emulated), "float32" computes each one from three TF32 products and
     # stays as close to U·Vᵀ as on a CPU (3e-6); "tf32" takes the single
     # TF32 product and lands about 5e-3 away.
-    x = ops.convert_to_tensor(
-        with_singular_values(normalised_spectrum(1e-3, 64), 64, 256)
-    )
+    x = ops.convert_to_tensor(with_singular_values(normalised_spectrum(1e-3, 64), 64, 256))
     exact = reference.svd_msign(ops.convert_to_numpy(x))
     on_cpu = np.abs(ops.convert_to_numpy(msign(x, 8)) - exact).max()
     monkeypatch.setattr(newton_schulz_module, "_product", tf32_product)
@@ -527,14 +506,10 @@ JAX_PRECISION_TEXT = {
 }
 
 
-@pytest.mark.skipif(
-    BACKEND != "jax", reason="JAX programs carry the precision of each product"
-)
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX programs carry the precision of each product")
 @pytest.mark.parametrize("user_default", [None, "bfloat16", "float32"])
 @pytest.mark.parametrize("dtype", PRECISIONS)
-def test_jax_products_carry_the_precision_whatever_the_users_default(
-    dtype, user_default
-):
+def test_jax_products_carry_the_precision_whatever_the_users_default(dtype, user_default):
     import jax
 
     x = np.random.default_rng(15).normal(size=(3, 16, 64)).astype(np.float32)
@@ -545,9 +520,7 @@ def test_jax_products_carry_the_precision_whatever_the_users_default(
     assert set(precisions) == {JAX_PRECISION_TEXT[dtype]}
 
 
-@pytest.mark.skipif(
-    BACKEND != "jax", reason="JAX programs carry the precision of each product"
-)
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX programs carry the precision of each product")
 @pytest.mark.parametrize("dtype", [None, "tf32", "bfloat16"])
 def test_jax_muon_step_carries_the_precision(dtype):
     import jax

@@ -39,8 +39,16 @@ def test_adamw_moments_and_step_match_the_reference():
     lr, step = ops.convert_to_tensor(0.01), ops.convert_to_tensor(3.0)
     update = rule.adamw_step(new_m, new_v, lr, step, 0.8, 0.99, 1e-6)
     expected_w, expected_m, expected_v = reference.adamw_step(
-        w.astype(np.float64), m, v, g, step=3, lr=0.01, beta_1=0.8, beta_2=0.99,
-        epsilon=1e-6, weight_decay=0.0,
+        w.astype(np.float64),
+        m,
+        v,
+        g,
+        step=3,
+        lr=0.01,
+        beta_1=0.8,
+        beta_2=0.99,
+        epsilon=1e-6,
+        weight_decay=0.0,
     )
     np.testing.assert_allclose(numpy(new_m), expected_m, rtol=1e-5)
     np.testing.assert_allclose(numpy(new_v), expected_v, rtol=1e-5)
@@ -50,8 +58,12 @@ def test_adamw_moments_and_step_match_the_reference():
 @pytest.mark.parametrize("cautious", [False, True])
 def test_decayed_matches_the_reference(cautious):
     w, update = arrays(6), arrays(7)
-    got = numpy(rule.decayed(ops.convert_to_tensor(w), ops.convert_to_tensor(update), 0.1, cautious))
-    np.testing.assert_allclose(got, reference.decay(w.astype(np.float64), update, 0.1, cautious), rtol=1e-6)
+    got = numpy(
+        rule.decayed(ops.convert_to_tensor(w), ops.convert_to_tensor(update), 0.1, cautious)
+    )
+    np.testing.assert_allclose(
+        got, reference.decay(w.astype(np.float64), update, 0.1, cautious), rtol=1e-6
+    )
     decayed = got != w
     if cautious:  # exactly where the update has the weight's sign
         np.testing.assert_array_equal(decayed, update * w >= 0)
@@ -62,10 +74,14 @@ def test_decayed_matches_the_reference(cautious):
 def test_descended():
     w, update = arrays(8), arrays(9)
     got = rule.descended(ops.convert_to_tensor(w), ops.convert_to_tensor(update), 0.05)
-    np.testing.assert_allclose(numpy(got), w - 0.05 * update.astype(np.float64), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        numpy(got), w - 0.05 * update.astype(np.float64), rtol=1e-6, atol=1e-7
+    )
 
 
-@pytest.mark.parametrize("neuron_axis, d_in, d_out", [("longer", 4, 6), ("longer", 6, 4), ("output", 6, 4)])
+@pytest.mark.parametrize(
+    "neuron_axis, d_in, d_out", [("longer", 4, 6), ("longer", 6, 4), ("output", 6, 4)]
+)
 def test_normuon_matches_the_reference(neuron_axis, d_in, d_out):
     shape = rule.neuron_state_shape(2, d_in, d_out, neuron_axis)
     assert shape[1:] == reference.normuon_second_moment_shape(d_in, d_out, neuron_axis)
@@ -74,7 +90,9 @@ def test_normuon_matches_the_reference(neuron_axis, d_in, d_out):
     axis = -2 if shape[-2] == 1 else -1
     expected_v = 0.9 * v + 0.1 * np.mean(o.astype(np.float64) ** 2, axis=axis, keepdims=True)
     expected = o / np.sqrt(expected_v)
-    expected *= np.linalg.norm(o, axis=(-2, -1), keepdims=True) / np.linalg.norm(expected, axis=(-2, -1), keepdims=True)
+    expected *= np.linalg.norm(o, axis=(-2, -1), keepdims=True) / np.linalg.norm(
+        expected, axis=(-2, -1), keepdims=True
+    )
     np.testing.assert_allclose(numpy(got_v), expected_v, rtol=1e-5)
     np.testing.assert_allclose(numpy(got), expected, rtol=1e-4, atol=1e-6)
 
@@ -106,9 +124,7 @@ def test_zero_blocks_and_neurons_give_zeros_not_nan(normalization):
 @pytest.mark.parametrize("scale", ["naive", "jordan", "mup", "moonlight"])
 @pytest.mark.parametrize("d_in, d_out", [(64, 256), (256, 64), (128, 128), (1, 300)])
 def test_matches_the_formulas(scale, d_in, d_out):
-    assert update_scale(scale, d_in, d_out) == pytest.approx(
-        reference.scale(scale, d_in, d_out)
-    )
+    assert update_scale(scale, d_in, d_out) == pytest.approx(reference.scale(scale, d_in, d_out))
 
 
 def test_orientation_follows_keras_kernels():
@@ -141,4 +157,6 @@ def test_checked_scale_names_the_argument():
 def test_block_norms_are_the_frobenius_norm_of_each_block():
     blocks = np.random.default_rng(5).normal(size=(3, 4, 6)).astype("float32")
     norms = ops.convert_to_numpy(rule.block_norms(blocks))
-    np.testing.assert_allclose(norms, np.linalg.norm(blocks.astype(np.float64), axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(
+        norms, np.linalg.norm(blocks.astype(np.float64), axis=(1, 2)), rtol=1e-6
+    )

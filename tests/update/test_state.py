@@ -28,7 +28,9 @@ def test_each_route_gets_its_state():
     # Two moments for AdamW, one for Muon, after the iterations and the
     # learning rate.
     assert [v.name for v in optimizer.variables[2:]] == [
-        "kernel_momentum", "bias_momentum", "bias_velocity",
+        "kernel_momentum",
+        "bias_momentum",
+        "bias_velocity",
     ]
 
 
@@ -36,11 +38,15 @@ def test_variants_keep_their_state_beside_the_momentum():
     kernel = keras.Variable(np.ones((4, 6), "float32"), name="kernel")
     (state,) = built(keras_muon.NorMuon(), [kernel])
     assert state.variant_state.shape == (1, 1, 6)
-    (state,) = built(keras_muon.AdaMuon(), [keras.Variable(np.ones((4, 6), "float32"), name="kernel")])
+    (state,) = built(
+        keras_muon.AdaMuon(), [keras.Variable(np.ones((4, 6), "float32"), name="kernel")]
+    )
     assert state.variant_state.shape == (4, 6) and state.scale == pytest.approx(0.2 * np.sqrt(24))
 
 
-@pytest.mark.parametrize("dtype, state_dtype", [("float32", "float32"), ("bfloat16", "float32"), ("float16", "float32")])
+@pytest.mark.parametrize(
+    "dtype, state_dtype", [("float32", "float32"), ("bfloat16", "float32"), ("float16", "float32")]
+)
 def test_moments_of_16_bit_variables_are_float32(dtype, state_dtype):
     variable = keras.Variable(np.ones((3, 5), "float32"), name="kernel", dtype=dtype)
     optimizer = keras_muon.Muon()
