@@ -33,6 +33,7 @@ Prints the tables and writes <output>/step_time_<backend>.json.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -188,8 +189,12 @@ def measure_backend(args):
     for width in args.widths:
         print(f"\n{backend}, width {width}", flush=True)
         keras.utils.set_random_seed(0)
-        build = lambda: char_transformer.char_transformer(  # noqa: E731
-            args.sequence_length, width, args.depth, width // HEAD_SIZE
+        build = functools.partial(
+            char_transformer.char_transformer,
+            args.sequence_length,
+            width,
+            args.depth,
+            width // HEAD_SIZE,
         )
         rng = np.random.default_rng(0)
         tokens = rng.integers(

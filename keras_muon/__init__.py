@@ -14,7 +14,7 @@ from keras_muon.update.newton_schulz import coefficient_schedule
 from keras_muon.update.newton_schulz import msign
 from keras_muon.update.rule import update_scale
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaMuon",

@@ -625,3 +625,21 @@ def test_scale_quality_benchmark(tmp_path, monkeypatch, capsys):
     assert scale_quality.plan(args, 3, 10.0, 0.01, 0.1, 5.0)["steps"] == 1980
     with pytest.raises(SystemExit, match="do not fit"):
         scale_quality.plan(args, 3, 95.0, 0.01, 0.1, 5.0)
+
+
+def test_golden_runs_pass_on_the_same_code_and_catch_one_changed_bit(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import golden_runs
+
+    runs = ["muon_per_head"]
+    assert golden_runs.main(["record", str(tmp_path), "--runs", *runs]) == 0
+    assert golden_runs.main(["check", str(tmp_path), "--runs", *runs]) == 0
+    assert "1 of 1 runs identical" in capsys.readouterr().out
+    # One bit of one recorded momentum flipped: the check must fail.
+    stem = tmp_path / f"{keras.backend.backend()}_{runs[0]}.npz"
+    arrays = dict(np.load(stem))
+    name = next(k for k in arrays if k.startswith("state:") and "momentum" in k)
+    arrays[name].view("uint32").flat[0] ^= 1
+    np.savez(stem, **arrays)
+    assert golden_runs.main(["check", str(tmp_path), "--runs", *runs]) == 1
+    assert "1 arrays differ" in capsys.readouterr().out

@@ -36,9 +36,11 @@ def _gemma_rule(layer):
 
 
 _QK_NORM = "QK-norm: scaling the query and key kernels does not change the logits"
-_LLAMA_LIKE = einsum_projection_rule("_query_dense", "_key_dense", lambda l: l._inv_norm_factor)
+_LLAMA_LIKE = einsum_projection_rule(
+    "_query_dense", "_key_dense", lambda layer: layer._inv_norm_factor
+)
 _LLAMA_LIKE_PUBLIC = einsum_projection_rule(
-    "query_dense", "key_dense", lambda l: l._inv_norm_factor
+    "query_dense", "key_dense", lambda layer: layer._inv_norm_factor
 )
 # (module, class): rule, as in keras-hub 0.32.
 KERAS_HUB_RULES = {

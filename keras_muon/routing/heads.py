@@ -36,7 +36,8 @@ def output_heads(model, trained):
         except Exception as e:  # a model this walk does not understand
             warnings.warn(
                 f"keras_muon could not follow the outputs of {model.name!r} "
-                f"({type(e).__name__}: {e}); its output heads are guessed."
+                f"({type(e).__name__}: {e}); its output heads are guessed.",
+                stacklevel=2,
             )
         walk.heads.clear()
         walk.guess(model)
@@ -348,7 +349,9 @@ class _GraphRestored:
         # The input dtype is not recorded: features, else token ids.
         for dtype in ("float32", "int32"):
             inputs = [
-                keras.tree.map_shape_structure(lambda shape: keras.KerasTensor(shape, dtype), shape)
+                keras.tree.map_shape_structure(
+                    lambda shape, dtype=dtype: keras.KerasTensor(shape, dtype), shape
+                )
                 for shape in shapes.values()
             ]
             outputs = self._call(model, inputs, {})

@@ -367,11 +367,13 @@ def test_tracing_leaves_the_layers_as_they_were():
     model = HeadDeclaredFirst()
     model(np.ones((2, 4)))
     before = {
-        id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()
+        id(layer): (len(layer._inbound_nodes), len(layer._outbound_nodes))
+        for layer in model._flatten_layers()
     }
     table_for(model)
     after = {
-        id(l): (len(l._inbound_nodes), len(l._outbound_nodes)) for l in model._flatten_layers()
+        id(layer): (len(layer._inbound_nodes), len(layer._outbound_nodes))
+        for layer in model._flatten_layers()
     }
     assert after == before
 

@@ -241,7 +241,7 @@ def test_rwkv7_low_rank_projections_are_matrices():
         p: r for p, r in table.items() if p.split("/")[-1] in ("w1", "w2", "a1", "a2", "g1", "g2")
     }
     assert len(factors) == 6
-    for path, row in factors.items():
+    for row in factors.values():
         assert (row["route"], row["matrix_shape"]) == ("muon", row["shape"]), row
     gain = next(r for p, r in table.items() if p.endswith("/r_k"))
     assert gain["route"] == "adamw"
