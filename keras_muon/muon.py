@@ -146,6 +146,7 @@ class Muon(keras.optimizers.Optimizer):
         self.lora = route.checked_lora(lora)
         self.hyperball = hyperball
         self._attached_model = None
+        self._state_to_restore = None  # loaded before the optimizer was built
 
     def attach(self, model):
         """Names the `keras.Model` whose variables this optimizer will train,
@@ -155,9 +156,7 @@ class Muon(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
-        model = self._attached_model() if self._attached_model else None
-        if model is None:
-            model = route.find_model(self, var_list)
+        model = route.find_model(self, var_list)
         distributed.reject_fsdp_parameters(model)
         if self._qk_clip is not None:
             var_list = self._qk_clip.install(model, var_list)
@@ -168,6 +167,7 @@ class Muon(keras.optimizers.Optimizer):
         self._states = [self._add_state(v, r) for v, r in zip(var_list, routes)]
         if self._qk_clip is not None:
             self._qk_clip.build(self)
+        checkpoint.restore_on_build(self)
 
     def _add_state(self, variable, route):
         """The `VariableState` of `variable` on `route`, its state created."""
@@ -286,7 +286,10 @@ class Muon(keras.optimizers.Optimizer):
                 view, blocks = state.route.view, ops.cast(self._normalized(entry, blocks), dtype)
                 weights = ops.cast(variable, dtype)
                 if state.radius is not None:  # normalized: the scale `s` drops out
-                    blocks = rule.hyperball(view.to_blocks(weights), blocks, state.radius, lr)
+                    blocks, radius = rule.hyperball(
+                        view.to_blocks(weights), blocks, state.radius, lr
+                    )
+                    self.assign(state.radius, radius)
                     new_value = view.from_blocks(blocks)
                 else:
                     update = view.from_blocks(blocks)
@@ -311,7 +314,7 @@ class Muon(keras.optimizers.Optimizer):
         checkpoint.save_layout(self, store)
 
     def load_own_variables(self, store):
-        super().load_own_variables(checkpoint.checked(self, store))
+        checkpoint.load(self, store)
 
     def routing_table(self):
         """How each trainable variable is optimized, one dict per variable:

@@ -660,6 +660,8 @@ def test_hyperball_keeps_each_block_on_its_sphere():
         if s.radius is not None
     }
     assert len(saved) == len(radii)
+    # Unset (0) until the first update reads the weights it trains.
+    assert all(not np.any(r) for r in saved.values())
     before = [ops.convert_to_numpy(v) for v in model.trainable_variables]
     rng = np.random.default_rng(5)
     for _ in range(3):
@@ -667,6 +669,10 @@ def test_hyperball_keeps_each_block_on_its_sphere():
         optimizer.apply([ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
     for path, norms in block_norms(optimizer, model).items():
         np.testing.assert_allclose(norms, radii[path], rtol=1e-5, err_msg=path)
+    for variable, state in zip(optimizer._trainable_variables, optimizer._states):
+        if state.radius is not None:
+            radius = ops.convert_to_numpy(state.radius)
+            np.testing.assert_allclose(radius, radii[variable.path], rtol=1e-6)
     moved = [
         not np.allclose(a, ops.convert_to_numpy(v))
         for a, v in zip(before, model.trainable_variables)

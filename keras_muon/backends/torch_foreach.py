@@ -147,7 +147,8 @@ def _hyperball(entry, blocks, learning_rate):
     and has no multi-tensor form (as the variants' normalizations)."""
     view, weights, dtype = entry.state.route.view, entry.variable.value, _state_dtype(entry)
     lr, radius = learning_rate.to(dtype), entry.state.radius.value
-    moved = rule.hyperball(view.to_blocks(_as(weights, dtype)), blocks, radius, lr)
+    moved, new_radius = rule.hyperball(view.to_blocks(_as(weights, dtype)), blocks, radius, lr)
+    radius.copy_(new_radius)
     weights.copy_(view.from_blocks(moved))
 
 

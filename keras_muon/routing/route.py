@@ -37,13 +37,17 @@ def attached(optimizer, model):
 def find_model(optimizer, variables):
     """The layer or model whose variables `optimizer` is being built for.
 
-    Looks through the local variables of the calling frames for, first, a
+    The model named by `optimizer.attach(model)`, if it is alive; else it
+    looks through the local variables of the calling frames for, first, a
     model compiled with `optimizer` (possibly wrapped in a
     `LossScaleOptimizer`), then the smallest layer owning all of `variables`.
 
     Returns:
         A `keras.Layer`, or None.
     """
+    attached = optimizer._attached_model() if optimizer._attached_model else None
+    if attached is not None:
+        return attached
     wanted = {id(v) for v in variables}
     owners_of_all = []
     seen = set()

@@ -90,16 +90,24 @@ def hyperball(weights, update, radius, lr):
     `Û_b = normalize(U_b)`, `normalize(X) = X/‖X‖_F`. The step is `lr`
     times the radius `R_b` `(num_blocks,)` and the result is back on the
     sphere, so `lr` is the relative size of a step. A zero update leaves
-    the block where it is."""
-    radius = ops.reshape(radius, (-1, 1, 1))
-    step = ops.multiply(update, lr * radius * _inverse_sqrt(_squared_norm(update)))
+    the block where it is.
+
+    Returns the new blocks and the radii. A radius not yet set (0) is the
+    block's norm now: the radii start at 0 and are set at the first
+    update, so that they are the norms of the weights the optimizer
+    trains, loaded after it was built or not; a checkpoint brings them
+    set."""
+    radius = ops.convert_to_tensor(radius)
+    radius = ops.where(ops.greater(radius, 0), radius, block_norms(weights))
+    radii = ops.reshape(radius, (-1, 1, 1))
+    step = ops.multiply(update, lr * radii * _inverse_sqrt(_squared_norm(update)))
     moved = ops.subtract(weights, step)
-    return ops.multiply(moved, radius * _inverse_sqrt(_squared_norm(moved)))
+    return ops.multiply(moved, radii * _inverse_sqrt(_squared_norm(moved))), radius
 
 
 def block_norms(blocks):
     """The Frobenius norm of each block of `(num_blocks, d_in, d_out)`, as
-    `(num_blocks,)`: Hyperball's radii when the optimizer is built."""
+    `(num_blocks,)`."""
     return ops.reshape(ops.sqrt(_squared_norm(blocks)), (-1,))
 
 

@@ -73,15 +73,16 @@ def add_float32_state(optimizer, variable, name, shape, layout=None):
 
 
 def add_radius(optimizer, variable, view):
-    """Hyperball's radius of each block of `variable` read by `view`: its
-    Frobenius norm now, a float32 state `(num_blocks,)` made by `optimizer`;
-    None for a LoRA factor, which starts from zero (`lora_kernel_b`) and
-    keeps the plain update. Raises a ValueError naming the variable if a
-    block is zero: it has no sphere to stay on."""
+    """Hyperball's radius of each block of `variable` read by `view`, a
+    float32 state `(num_blocks,)` made by `optimizer`, 0 until the first
+    update sets it (`rule.hyperball`); None for a LoRA factor, which
+    starts from zero (`lora_kernel_b`) and keeps the plain update. Raises a
+    ValueError naming the variable if a block is zero now: it has no
+    sphere to stay on."""
     if is_lora_factor(variable):
         return None
     path = variable_path(variable)
-    with _eager_scope():
+    with eager_scope():
         blocks = view.to_blocks(ops.cast(variable, "float32"))
         norms = ops.convert_to_numpy(block_norms(blocks))
     if not (norms > 0).all():
@@ -93,14 +94,14 @@ def add_radius(optimizer, variable, view):
         )
     return optimizer.add_variable(
         shape=norms.shape,
-        initializer=lambda shape, dtype: ops.convert_to_tensor(norms, dtype),
+        initializer="zeros",
         dtype="float32",
         name=state_name(path, "radius"),
         layout=block_state_layout(variable, view, norms.shape),
     )
 
 
-def _eager_scope():
+def eager_scope():
     """Where the weights' values can be read: TensorFlow's `fit` builds the
     optimizer inside its traced train step, whose init scope is eager."""
     if keras.backend.backend() == "tensorflow":
