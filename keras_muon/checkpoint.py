@@ -22,11 +22,21 @@ State loaded before the optimizer is built (`compile()` then
 `tf.train.Checkpoint` restores on creation, instead of being dropped. A
 store of an optimizer saved before it was built (its step counter and
 learning rate only) loads as Keras loads it.
+
+Keras's state tree (`get_state_tree` and `set_state_tree`, which
+`keras.callbacks.OrbaxCheckpoint` and the loading of its checkpoints use)
+saves and restores variables by path and never calls the optimizer. For
+it, a built optimizer also holds a `LayoutRecord`: one more variable, with
+the same facts and the optimizer's name, that refuses to be assigned
+another optimizer's record.
 """
+
+import weakref
 
 import keras
 import numpy as np
 from keras import ops
+from keras.src.backend.common.stateless_scope import in_stateless_scope  # not exported
 
 from keras_muon.naming import variable_path
 from keras_muon.update.state import eager_scope
@@ -45,9 +55,50 @@ SWITCHING = (
 )
 
 
-def save_layout(optimizer, store):
-    """Adds the routes and the class name of a built `optimizer` to its
-    `store`."""
+class LayoutRecord(keras.Variable):
+    """The class, name and routes of a built optimizer, as one of its
+    variables, int32: the class name's code points, 0, the optimizer's
+    name's code points, 0, then the routes. Its path does not hold the
+    optimizer's name, so that an optimizer restoring by path under another
+    name still finds it. Assigning it another optimizer's record raises a
+    ValueError that says what differs; it is left out of the positional
+    store of `.keras` and `.weights.h5` files, which has `class` and
+    `routes`."""
+
+    def assign(self, value):
+        optimizer = self._optimizer()
+        # In a stateless scope (a traced step) the value is not known: it is
+        # this record itself, carried through the step.
+        if optimizer is not None and not in_stateless_scope():
+            saved = np.asarray(ops.convert_to_numpy(value)).tolist()
+            if saved != _record(optimizer):
+                _check_record(optimizer, saved)
+        super().assign(value)
+
+
+def add_layout_record(optimizer):
+    """Adds the `LayoutRecord` of `optimizer`, just built, to its variables."""
+    # At `keras_muon/layout` whatever the scope of the build (TensorFlow's
+    # `fit` builds inside the optimizer's scope, in its traced step).
+    with eager_scope(), keras.name_scope("keras_muon", override_parent=""):
+        record = LayoutRecord(
+            np.array(_record(optimizer), "int32"), dtype="int32", trainable=False, name="layout"
+        )
+    record._optimizer = weakref.ref(optimizer)
+    optimizer._track_variable(record)
+
+
+def positional_variables(optimizer):
+    """`optimizer`'s variables that its `.keras` and `.weights.h5` store
+    holds by position: all but its `LayoutRecord`."""
+    return [v for v in optimizer.variables if not isinstance(v, LayoutRecord)]
+
+
+def save(optimizer, store):
+    """Writes `optimizer`'s variables to its `store` by position, as Keras
+    does, and, once it is built, its routes and class name."""
+    for i, variable in enumerate(positional_variables(optimizer)):
+        store[str(i)] = variable.numpy()
     if optimizer.built:
         store[ROUTES_KEY] = ops.convert_to_tensor(_flags(optimizer), "int8")
         store[CLASS_KEY] = ops.convert_to_tensor(list(_class_name(optimizer).encode()), "int32")
@@ -70,11 +121,28 @@ def load(optimizer, store):
 
 
 def restore_on_build(optimizer):
-    """Assigns the state that `load` kept for `optimizer`, now built."""
+    """Assigns the state that `load` kept for `optimizer`, now built.
+
+    Without such state, a step counter past 0 means that a checkpoint was
+    restored by path before the build (a state tree, an Orbax checkpoint):
+    it restored the counter alone, and the moments, which did not exist
+    yet, would be lost. That is an error, unless `tf.train.Checkpoint`
+    restores them as they are created."""
     saved, optimizer._state_to_restore = optimizer._state_to_restore, None
-    if saved is not None:
-        with eager_scope():  # TensorFlow's `fit` builds inside its traced step
+    with eager_scope():  # TensorFlow's `fit` builds inside its traced step
+        if saved is not None:
             _assign(optimizer, saved)
+            return
+        steps = int(ops.convert_to_numpy(optimizer._iterations))
+    restoring_on_creation = getattr(optimizer, "_self_update_uid", -1) >= 0  # TensorFlow's
+    if steps and not restoring_on_creation:
+        raise ValueError(
+            f"{optimizer.name!r} is built at step {steps}, but none of its "
+            "moments were restored: a checkpoint restored by path before the "
+            "optimizer was built (an Orbax checkpoint, `set_state_tree`) restores "
+            "the step counter alone. Build it before loading: "
+            "`model.optimizer.build(model.trainable_variables)`, then load."
+        )
 
 
 def _saved_state(optimizer, store):
@@ -97,13 +165,7 @@ def _saved_state(optimizer, store):
                 f"resume), and its moments would land in the wrong slots. {SWITCHING}"
             )
     else:
-        saved = bytes(int(c) for c in store[CLASS_KEY]).decode()
-        if saved != class_name:
-            raise ValueError(
-                f"Cannot load this optimizer state into {class_name}: it was "
-                f"saved by {saved}, whose state is laid out differently. Use "
-                f"{saved} to resume. {SWITCHING}"
-            )
+        _check_class(optimizer, bytes(int(c) for c in store[CLASS_KEY]).decode())
     routes = [int(flag) for flag in store[ROUTES_KEY]] if ROUTES_KEY in keys else None
     return {"values": values, "routes": routes}
 
@@ -112,7 +174,7 @@ def _assign(optimizer, saved):
     """Assigns `saved` to `optimizer`'s variables by position, once its
     routes and its number of variables are those of `optimizer`."""
     _check_routes(optimizer, saved["routes"])
-    values, variables = saved["values"], optimizer.variables
+    values, variables = saved["values"], positional_variables(optimizer)
     if len(values) != len(variables):
         raise ValueError(
             f"Cannot load this optimizer state into {optimizer.name!r}: it has "
@@ -143,6 +205,32 @@ def _assign_unbuilt(optimizer, values):
         )
     for variable, value in zip(variables, values):
         variable.assign(value)
+
+
+def _check_record(optimizer, saved):
+    """Raises the error that says how the record `saved` differs from
+    `optimizer`'s."""
+    first, second = saved.index(0), saved.index(0, saved.index(0) + 1)
+    class_name, name = bytes(saved[:first]).decode(), bytes(saved[first + 1 : second]).decode()
+    _check_class(optimizer, class_name)
+    if name != optimizer.name:
+        raise ValueError(
+            f"This optimizer state was saved by the optimizer named {name!r}, and "
+            f"this one is named {optimizer.name!r}. Its variables are restored by "
+            "their paths, which hold the optimizer's name, so none of its state "
+            f"would be restored. Create the optimizer with name={name!r}."
+        )
+    _check_routes(optimizer, saved[second + 1 :])
+
+
+def _check_class(optimizer, saved):
+    class_name = _class_name(optimizer)
+    if saved != class_name:
+        raise ValueError(
+            f"Cannot load this optimizer state into {class_name}: it was "
+            f"saved by {saved}, whose state is laid out differently. Use "
+            f"{saved} to resume. {SWITCHING}"
+        )
 
 
 def _check_routes(optimizer, saved):
@@ -179,6 +267,12 @@ def _check_routes(optimizer, saved):
 
 def _flags(optimizer):
     return [int(state.route.view is not None) for state in optimizer._states]
+
+
+def _record(optimizer):
+    """The values of `optimizer`'s `LayoutRecord`, as a list."""
+    class_name, name = _class_name(optimizer).encode(), optimizer.name.encode()
+    return [*class_name, 0, *name, 0, *_flags(optimizer)]
 
 
 def _class_name(optimizer):

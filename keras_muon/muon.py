@@ -167,6 +167,7 @@ class Muon(keras.optimizers.Optimizer):
         self._states = [self._add_state(v, r) for v, r in zip(var_list, routes)]
         if self._qk_clip is not None:
             self._qk_clip.build(self)
+        checkpoint.add_layout_record(self)
         checkpoint.restore_on_build(self)
 
     def _add_state(self, variable, route):
@@ -310,8 +311,7 @@ class Muon(keras.optimizers.Optimizer):
         pass  # in `_update`, at each route's rate
 
     def save_own_variables(self, store):
-        super().save_own_variables(store)
-        checkpoint.save_layout(self, store)
+        checkpoint.save(self, store)
 
     def load_own_variables(self, store):
         checkpoint.load(self, store)

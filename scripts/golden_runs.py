@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 import keras_muon  # noqa: E402
 from char_transformer import char_transformer  # noqa: E402
+from keras_muon import checkpoint  # noqa: E402
 from tests.qk_clip.attention import attention_model  # noqa: E402
 
 STEPS = 4
@@ -67,11 +68,12 @@ def train(optimizer_type, options, kind, lora_rank):
     inputs, targets = rng.integers(0, 32, (2, 8, SEQUENCE)).astype("int32")
     model.fit(inputs, targets, batch_size=len(targets), epochs=STEPS, shuffle=False, verbose=0)
     arrays = {f"weight:{v.path}": v.numpy() for v in model.weights}
-    # Keyed without the optimizer's name, which Keras numbers per process.
+    # The state by position, as files hold it, keyed without the optimizer's
+    # name, which Keras numbers per process.
     arrays.update(
         {
             f"state:{i}:{v.path.split('/', 1)[-1]}": v.numpy()
-            for i, v in enumerate(optimizer.variables)
+            for i, v in enumerate(checkpoint.positional_variables(optimizer))
         }
     )
     routes = [{k: str(v) for k, v in row.items()} for row in optimizer.routing_table()]

@@ -12,6 +12,7 @@ case also records which blocks each device orthogonalized
 (`split_newton_schulz`), and the weights with the split turned off.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -107,8 +108,6 @@ def loss():
 def fit(weights, data, scope=None, optimizer_type=keras_muon.Muon, build=transformer, **options):
     """Trains `build()` with `optimizer_type(**options)` under `scope` (a
     distribution's, or none); returns the model and the optimizer."""
-    import contextlib
-
     with scope or contextlib.nullcontext():
         model = build()
         model.set_weights(weights)
@@ -281,6 +280,14 @@ def experts_model():
     return keras.Model(tokens, keras.layers.Dense(3, name="head")(x))
 
 
+def layouts(mesh, table):
+    """A LayoutMap on `mesh` from `table` ({pattern: layout})."""
+    layout_map = keras.distribution.LayoutMap(mesh)
+    for pattern, layout in table.items():
+        layout_map[pattern] = layout
+    return layout_map
+
+
 def jax_layouts_case():
     """The layouts LLM trainers use, on 8 simulated devices, each trained
     as on one device with NorMuon per head with QK-Clip: fully sharded, an
@@ -296,12 +303,6 @@ def jax_layouts_case():
     devices = keras.distribution.list_devices()
     one_axis = keras.distribution.DeviceMesh((8,), ["model"], devices)
     two_axes = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
-
-    def layouts(mesh, table):
-        layout_map = keras.distribution.LayoutMap(mesh)
-        for pattern, layout in table.items():
-            layout_map[pattern] = layout
-        return layout_map
 
     import keras_hub
 
@@ -389,7 +390,8 @@ def state_layouts(model, optimizer):
     the state's own layout and dtype, and on how many devices it lives."""
 
     def layout(variable):
-        spec = list(variable.value.sharding.spec)
+        # A variable on one device (no distribution) has no spec: whole.
+        spec = list(getattr(variable.value.sharding, "spec", ()))
         return spec + [None] * (len(variable.shape) - len(spec))
 
     states = {v.path: v for v in optimizer.variables}
@@ -409,6 +411,119 @@ def state_layouts(model, optimizer):
                     }
                 )
     return rows
+
+
+# Checkpoints moved between layouts on 8 simulated JAX devices: saved under
+# the first, resumed under the second.
+JAX_RESUMES = [
+    ("fully sharded", "DataParallel"),
+    ("fully sharded", "ModelParallel"),
+    ("fully sharded", "one device"),
+    ("one device", "fully sharded"),
+]
+
+
+def jax_checkpoint_case():
+    """A `.weights.h5` saved after `STEPS` steps under one layout (each of
+    JAX_RESUMES) loaded into a fresh model and optimizer under another
+    (compile, load_weights, then build, which restores the state), and
+    trained `STEPS` more steps on the same batches; with Muon per head,
+    and with NorMuon per head (whose per-neuron state has a shape of its
+    own) for one move. The state's layout is read once it is restored,
+    before `fit`'s compiled step could lay it out again.
+
+    The weights are compared with `2 * STEPS` steps uninterrupted in the
+    runs that saved the files, fully sharded and on one device (NorMuon:
+    fully sharded), which go on training after saving: the run a file
+    comes from shares the resumed run's first `STEPS` steps bit for bit,
+    so state restored wrong shows against it alone; one device is what
+    every layout trains as (`jax_case`). Uninterrupted DataParallel and
+    ModelParallel runs would add two compilations and nothing the
+    comparison needs."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    weights, data = initial_weights_and_data()
+    devices = keras.distribution.list_devices()
+    one_axis = keras.distribution.DeviceMesh((8,), ["model"], devices)
+    distributions = {
+        "fully sharded": keras.distribution.ModelParallel(
+            layout_map=layouts(one_axis, FULLY_SHARDED_LAYOUTS), batch_dim_name="model"
+        ),
+        **data_and_model_parallel(devices),
+        "one device": None,
+    }
+
+    def scope(layout):
+        distribution = distributions[layout]
+        return distribution.scope() if distribution else contextlib.nullcontext()
+
+    def weight_difference(model, other):
+        return max(
+            float(np.max(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b))))
+            for a, b in zip(model.weights, other.weights)
+        )
+
+    def shardings(optimizer):
+        """{state path less the optimizer's name: [its spec, the ids of its
+        devices]}, for every variable of `optimizer`."""
+        return {
+            v.path.removeprefix(f"{optimizer.name}/"): [
+                list(getattr(v.value.sharding, "spec", ())),
+                sorted(device.id for device in v.value.sharding.device_set),
+            ]
+            for v in optimizer.variables
+        }
+
+    def new_optimizer(optimizer_type, model):
+        optimizer = optimizer_type(learning_rate=LEARNING_RATE, per_head=True)
+        model.compile(optimizer=optimizer, loss=loss())
+        optimizer.attach(model)
+        return optimizer
+
+    def file(optimizer_type, layout):
+        return Path(sys.argv[2]).with_name(f"{optimizer_type.__name__} {layout}.weights.h5")
+
+    uninterrupted = {}
+    saving_runs = [(keras_muon.Muon, "fully sharded"), (keras_muon.Muon, "one device")]
+    saving_runs.append((keras_muon.NorMuon, "fully sharded"))
+    for optimizer_type, layout in saving_runs:
+        model, optimizer = fit(
+            weights, data, scope(layout), optimizer_type=optimizer_type, per_head=True
+        )
+        model.save_weights(file(optimizer_type, layout))
+        with scope(layout):
+            model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+        uninterrupted[optimizer_type, layout] = model, optimizer
+
+    moves = [(keras_muon.Muon, move) for move in JAX_RESUMES]
+    moves.append((keras_muon.NorMuon, ("fully sharded", "ModelParallel")))
+    result = {}
+    for optimizer_type, (saved_in, resumed_in) in moves:
+        with scope(resumed_in):
+            model = transformer()  # the state as it is laid out when nothing is loaded
+            built = new_optimizer(optimizer_type, model)
+            built.build(model.trainable_variables)
+            model = transformer()
+            optimizer = new_optimizer(optimizer_type, model)
+            model.load_weights(file(optimizer_type, saved_in))
+            optimizer.build(model.trainable_variables)
+            restored = {"state": state_layouts(model, optimizer), "shardings": shardings(optimizer)}
+            model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+        result[f"{optimizer_type.__name__}: {saved_in} to {resumed_in}"] = {
+            "max weight difference from uninterrupted": {
+                layout: weight_difference(model, run)
+                for (trained_by, layout), (run, _) in uninterrupted.items()
+                if trained_by is optimizer_type
+            },
+            "iterations": [
+                int(optimizer.iterations),
+                int(uninterrupted[optimizer_type, saved_in][1].iterations),
+            ],
+            "restored state": restored,
+            "built state shardings": shardings(built),
+        }
+    return result
 
 
 def tensorflow_case(strategy_name):
@@ -477,6 +592,94 @@ def replica_difference(model, optimizer):
         float(np.max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy())))
         for v in model.variables + optimizer.variables
     )
+
+
+def tensorflow_checkpoint_case():
+    """A `.weights.h5` written by `save_weights` after `STEPS` steps of a
+    custom loop under MirroredStrategy (2 logical CPU devices), loaded into
+    a fresh model and optimizer built under the strategy, and into one
+    built without it (one device), each trained `STEPS` more steps on the
+    same batches; against `2 * STEPS` steps uninterrupted under the
+    strategy, which saved the file and went on. The model is compiled
+    with the optimizer: `save_weights` saves `model.optimizer`."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    weights, data = initial_weights_and_data()
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    one_device = tf.distribute.get_strategy()  # the default: no distribution
+    file = Path(sys.argv[2]).with_name("mirrored.weights.h5")
+
+    def trained_in_loop(strategy, checkpoint=None):
+        """A model and keras_muon.Muon built under `strategy`, from the
+        initial weights or from `checkpoint`, and a function training
+        them `STEPS` steps, each replica on its part of each batch."""
+        with strategy.scope():
+            model = transformer()
+            model.set_weights(weights)
+            optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
+            model.compile(optimizer=optimizer, loss=loss())
+            optimizer.attach(model)
+            if checkpoint:
+                model.load_weights(checkpoint)  # the state waits for the build
+            optimizer.build(model.trainable_variables)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+
+        @tf.function
+        def step(x, y):
+            def replica_step(x, y):
+                with tf.GradientTape() as tape:
+                    # The mean over the global batch: replicas' gradients are summed.
+                    value = loss_fn(y, model(x, training=True)) / (BATCH * SEQUENCE)
+                grads = tape.gradient(value, model.trainable_variables)
+                optimizer.apply(grads, model.trainable_variables)
+
+            strategy.run(replica_step, args=(x, y))
+
+        share = BATCH // strategy.num_replicas_in_sync
+
+        def part(array, i):
+            return strategy.experimental_distribute_values_from_function(
+                lambda context: array[
+                    i * BATCH + context.replica_id_in_sync_group * share : i * BATCH
+                    + (context.replica_id_in_sync_group + 1) * share
+                ]
+            )
+
+        def train():
+            for i in range(STEPS):
+                step(*(part(array, i) for array in data))
+
+        return model, optimizer, train
+
+    uninterrupted, uninterrupted_optimizer, train = trained_in_loop(mirrored)
+    train()
+    uninterrupted.save_weights(file)
+    train()
+    result = {}
+    for name, strategy in [("MirroredStrategy", mirrored), ("one device", one_device)]:
+        model, optimizer, train = trained_in_loop(strategy, file)
+        restored_iterations = int(optimizer.iterations.numpy())
+        train()
+        result[name] = {
+            "max weight difference": max(
+                float(np.max(np.abs(a.numpy() - b.numpy())))
+                for a, b in zip(model.weights, uninterrupted.weights)
+            ),
+            "iterations": [
+                restored_iterations,
+                int(optimizer.iterations.numpy()),
+                int(uninterrupted_optimizer.iterations.numpy()),
+            ],
+            "state classes": sorted({type(v.value).__name__ for v in optimizer.variables}),
+            "state devices": sorted(
+                {len(getattr(v.value, "values", [v.value])) for v in optimizer.variables}
+            ),
+        }
+        if strategy is mirrored:
+            result[name]["max difference between replicas"] = replica_difference(model, optimizer)
+    return result
 
 
 def tensorflow_raw_variables_case():
@@ -608,6 +811,17 @@ def train_torch(weights, data, rank=0, world_size=1, options=None):
         registered = {id(p) for p in model.parameters()}
         assert all(id(v.value) in registered for v in model.trainable_variables)
         module = torch.nn.parallel.DistributedDataParallel(model)
+    torch_steps(model, optimizer, module, data, rank, world_size)
+    clipped = optimizer.clipped_heads() if optimizer.qk_clip_threshold else 0
+    return snapshot(model, optimizer), clipped
+
+
+def torch_steps(model, optimizer, module, data, rank=0, world_size=1):
+    """`STEPS` steps of `optimizer` on `model`, called through `module`
+    (its DistributedDataParallel wrapper, or itself), this process on its
+    slice of every batch."""
+    import torch
+
     x, y = data
     share = BATCH // world_size
     for step in range(STEPS):
@@ -618,8 +832,78 @@ def train_torch(weights, data, rank=0, world_size=1, options=None):
         (value + sum(model.losses)).backward()  # QK-Clip's logits, if on
         grads = [v.value.grad for v in model.trainable_variables]
         optimizer.apply(grads, model.trainable_variables)
-    clipped = optimizer.clipped_heads() if optimizer.qk_clip_threshold else 0
-    return snapshot(model, optimizer), clipped
+
+
+def torch_checkpoint_case():
+    """A `.weights.h5` written by `save_weights` in process 0 of two under
+    DistributedDataParallel after `STEPS` steps, loaded by both into fresh
+    models and optimizers that train `STEPS` more steps on the same
+    batches; against `2 * STEPS` steps uninterrupted in one process."""
+    import torch.multiprocessing
+
+    weights, data = initial_weights_and_data()
+    model, optimizer, module = torch_model(weights)
+    torch_steps(model, optimizer, module, data)
+    torch_steps(model, optimizer, module, data)
+    one_process = snapshot(model, optimizer)
+    output = Path(sys.argv[2])
+    torch.multiprocessing.spawn(
+        torch_checkpoint_rank, args=(2, free_port(), weights, data, output), nprocs=2
+    )
+    ranks = [dict(np.load(output.with_suffix(f".rank{rank}.npz"))) for rank in range(2)]
+    result = differences(one_process, ranks[0])
+    result["max difference between processes"] = max(
+        float(np.max(np.abs(ranks[0][k] - ranks[1][k]))) for k in ranks[0]
+    )
+    result["iterations"] = [ranks[i]["iterations"].tolist() for i in range(2)]
+    return result
+
+
+def torch_model(weights=None, world_size=1, checkpoint=None):
+    """A model and keras_muon.Muon compiled with it (so that `save_weights`
+    saves it), from `weights` or from `checkpoint`, built, and the module
+    to call: its DistributedDataParallel wrapper when `world_size > 1`
+    (made once the weights are loaded: it registers their tensors)."""
+    import torch
+
+    model = transformer()
+    if weights is not None:
+        model.set_weights(weights)
+    optimizer = keras_muon.Muon(learning_rate=LEARNING_RATE)
+    model.compile(optimizer=optimizer, loss=loss())
+    optimizer.attach(model)
+    if checkpoint is not None:
+        model.load_weights(checkpoint)  # the state waits for the build
+    optimizer.build(model.trainable_variables)
+    if world_size == 1:
+        return model, optimizer, model
+    return model, optimizer, torch.nn.parallel.DistributedDataParallel(model)
+
+
+def torch_checkpoint_rank(rank, world_size, port, weights, data, output):
+    """One DDP process of `torch_checkpoint_case`: trains, process 0 saves,
+    both resume from its file; writes the resumed `snapshot`, and the step
+    counter once restored and once trained, beside `output`."""
+    import torch.distributed
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    checkpoint = output.with_name("process0.weights.h5")
+    try:
+        model, optimizer, module = torch_model(weights, world_size)
+        torch_steps(model, optimizer, module, data, rank, world_size)
+        if rank == 0:
+            model.save_weights(checkpoint)
+        torch.distributed.barrier()  # the file is written
+        model, optimizer, module = torch_model(world_size=world_size, checkpoint=checkpoint)
+        restored = int(optimizer.iterations)
+        torch_steps(model, optimizer, module, data, rank, world_size)
+        arrays = snapshot(model, optimizer)
+        arrays["iterations"] = np.array([restored, int(optimizer.iterations)])
+        np.savez(output.with_suffix(f".rank{rank}.npz"), **arrays)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def torch_rank(rank, world_size, port, weights, data, outputs, options):
@@ -767,11 +1051,14 @@ if __name__ == "__main__":
     cases = {
         "jax": jax_case,
         "jax_layouts": jax_layouts_case,
+        "jax_checkpoint": jax_checkpoint_case,
         "jax_process": jax_process_case,
         "tensorflow": tensorflow_case,
+        "tensorflow_checkpoint": tensorflow_checkpoint_case,
         "tensorflow_raw_variables": tensorflow_raw_variables_case,
         "tensorflow_worker": tensorflow_worker_case,
         "torch": torch_case,
+        "torch_checkpoint": torch_checkpoint_case,
     }
     arguments = [option] if option else []
     Path(output).write_text(json.dumps(cases[backend](*arguments)))

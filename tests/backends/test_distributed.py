@@ -3,7 +3,8 @@ whole orthogonalized where they live: keras.distribution on 8 simulated
 JAX devices, in one process and in two, torch DDP over 2 processes, each
 compared with one device (the training runs in subprocesses: see
 distributed_cases.py); a checkpoint written by two processes resumes on
-one device."""
+one device, one written under a layout of the 8 devices resumes under
+another, and one written by a DDP process resumes in both."""
 
 import keras
 import numpy as np
@@ -205,3 +206,69 @@ def test_sharded_expert_and_tensor_parallel_layouts(tmp_path):
     assert result["experts alone: collectives"] == {"5": {}, "10": {}}
     collectives = result["fully sharded: collectives"]
     assert collectives["5"] == collectives["10"] and collectives["5"], collectives
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+def test_checkpoint_resumes_under_another_layout(tmp_path):
+    # Saved fully sharded, resumed under DataParallel, ModelParallel and on
+    # one device; saved on one device, resumed fully sharded: each goes on
+    # as the uninterrupted runs do (within round-off: the layouts sum in
+    # different orders), its state loaded by position into the layout
+    # that state has under the new distribution.
+    result = run_case("jax_checkpoint", tmp_path)
+    assert len(result) == 5
+    for name, move in result.items():
+        for layout, difference in move["max weight difference from uninterrupted"].items():
+            assert difference <= 1e-4, (name, layout, difference)
+        assert move["iterations"] == [2 * STEPS, 2 * STEPS], name
+        # Every state variable (step counter, learning rate, moments,
+        # NorMuon's per-neuron state) laid out as in an optimizer built
+        # under that distribution with nothing loaded; each moment as its
+        # variable.
+        restored = move["restored state"]
+        assert restored["shardings"] == move["built state shardings"], name
+        resumed_in = name.split(" to ")[1]
+        devices = 1 if resumed_in == "one device" else 8
+        for row in restored["state"]:
+            assert row["state layout"] == row["variable layout"], (name, row)
+            assert row["state devices"] == devices, (name, row)
+        sharded = [row for row in restored["state"] if "model" in row["state layout"]]
+        if resumed_in in ("fully sharded", "ModelParallel"):
+            # The Muon kernels' momentums, the embedding's and the LM
+            # head's momentum and velocity.
+            assert len(sharded) == 6 * DEPTH + 4, (name, sharded)
+        else:
+            assert sharded == [], name
+    # NorMuon's per-neuron state, under ModelParallel: split as the blocks
+    # of its kernel are, per head on the heads, the feed-forward units on
+    # their axis.
+    shardings = result["NorMuon: fully sharded to ModelParallel"]["restored state"]["shardings"]
+    neuron_state = {
+        name.removesuffix("_kernel_neuron_second_moment"): spec
+        for name, (spec, _) in shardings.items()
+        if name.endswith("neuron_second_moment")
+    }
+    assert neuron_state == {
+        f"block{i}_{name}": spec
+        for i in range(DEPTH)
+        for name, spec in [
+            ("attention_query", ["model", None, None]),
+            ("attention_key", ["model", None, None]),
+            ("attention_value", ["model", None, None]),
+            ("attention_attention_output", ["model", None, None]),
+            ("up", [None, None, "model"]),
+            ("down", [None, "model", None]),
+        ]
+    }
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="DistributedDataParallel runs on torch")
+def test_torch_checkpoint_saved_by_one_process_resumes_in_both(tmp_path):
+    # Both processes load process 0's file and go on as one process
+    # training uninterrupted does (within round-off: DDP averages two
+    # half-batch gradients), identical to each other.
+    result = run_case("torch_checkpoint", tmp_path)
+    check_matches_one_device(result)
+    assert result["max difference between processes"] == 0.0, result
+    # Restored at the step it was saved, then trained as many more.
+    assert result["iterations"] == [[STEPS, 2 * STEPS]] * 2, result

@@ -1,6 +1,8 @@
 """tf.distribute strategies on 2 logical CPU devices, and
 MultiWorkerMirroredStrategy over 2 local worker processes, compared with
-one device (the training runs in subprocesses: see distributed_cases.py)."""
+one device (the training runs in subprocesses: see distributed_cases.py);
+a checkpoint saved under MirroredStrategy resumes under it and on one
+device."""
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import pytest
 from tests.backends.distributed_cases import BACKEND
 from tests.backends.distributed_cases import BLOCK_BATCHES
 from tests.backends.distributed_cases import DEPTH
+from tests.backends.distributed_cases import STEPS
 from tests.backends.distributed_cases import TF_STRATEGIES
 from tests.backends.distributed_cases import check_clipped_as_on_one_device
 from tests.backends.distributed_cases import check_matches_one_device
@@ -69,3 +72,24 @@ def test_two_multi_worker_mirrored_workers_match_one_device(tmp_path):
     one_device = train_tf_loop(tf.distribute.get_strategy())
     assert all(np.array_equal(workers[0][k], workers[1][k]) for k in one_device)
     check_matches_one_device(differences(one_device, workers[0]))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
+def test_tf_checkpoint_resumes_under_mirrored_strategy_and_on_one_device(tmp_path):
+    result = run_case("tensorflow_checkpoint", tmp_path)
+    # Under the strategy that saved it: the same computation as the
+    # uninterrupted run, bit for bit, both replicas alike; its state
+    # mirrored on both devices.
+    mirrored = result["MirroredStrategy"]
+    assert mirrored["max weight difference"] == 0.0, mirrored
+    assert mirrored["max difference between replicas"] == 0.0, mirrored
+    assert mirrored["state classes"] == ["MirroredVariable"], mirrored
+    assert mirrored["state devices"] == [2], mirrored
+    # On one device: the replicas' gradients were summed, here computed
+    # whole; round-off apart.
+    one_device = result["one device"]
+    assert one_device["max weight difference"] <= 1e-4, one_device
+    assert one_device["state devices"] == [1], one_device
+    for run in (mirrored, one_device):
+        # Restored at the step it was saved, then trained as many more.
+        assert run["iterations"] == [STEPS, 2 * STEPS, 2 * STEPS], run

@@ -26,11 +26,13 @@ def test_each_route_gets_its_state():
     assert adamw.momentum.shape == adamw.velocity.shape == (6,)
     assert adamw.scale is None and not adamw.decays
     # Two moments for AdamW, one for Muon, after the iterations and the
-    # learning rate.
+    # learning rate; then the record of class, name and routes
+    # (keras_muon/checkpoint.py).
     assert [v.name for v in optimizer.variables[2:]] == [
         "kernel_momentum",
         "bias_momentum",
         "bias_velocity",
+        "layout",
     ]
 
 
