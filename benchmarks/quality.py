@@ -10,7 +10,16 @@ fraction of the steps AdamW needs (first crossing of the validation
 curve, linearly interpolated between evaluations). Writes every curve to
 <output>/quality.json and a plot to <output>/quality.png.
 
-    KERAS_BACKEND=jax python benchmarks/quality.py
+With `--seeds N`, the grid runs on the first seed (`--seed`), and each
+optimizer then runs at the learning rate it did best at there on N − 1
+more seeds, each with other initial weights and another batch order (the
+validation windows stay the same). The table gives, over the N seeds, the
+mean ± standard deviation of the final validation loss and of the steps
+to reach AdamW's mean, and each optimizer against AdamW and against
+keras_muon.Muon under the rule of examples/spread.py: better or worse
+where Welch's t-test gives p < 0.01, otherwise within noise.
+
+    KERAS_BACKEND=jax python benchmarks/quality.py [--seeds 5]
 """
 
 import argparse
@@ -24,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import char_transformer  # noqa: E402
 import common  # noqa: E402
+import spread  # noqa: E402
 
 MUON = "keras_muon.Muon"
 ADAMW = "keras.optimizers.AdamW"
@@ -72,6 +82,13 @@ def main(argv=None):
         metavar="NAME",
         default=list(common.OPTIMIZERS),
         help=f"optimizers to run (default all): {'; '.join(common.OPTIMIZERS)}",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=common.positive_int,
+        default=1,
+        help="seeds per optimizer: the grid on the first, then its best learning "
+        "rate on the others (default 1)",
     )
     parser.add_argument(
         "--muon-option",
@@ -156,13 +173,83 @@ def main(argv=None):
     ]
     if edge:
         print(f"note: the best learning rate is at the edge of the grid for {', '.join(edge)}")
-    path = _plot(args.output, setting, runs, best)
+    seeded = {}
+    if args.seeds > 1:
+        seeded = over_seeds(args, best, build_model, muon_options)
+        common.print_table(
+            f"over seeds {args.seed}–{args.seed + args.seeds - 1}, each optimizer at its best "
+            f"learning rate of seed {args.seed}; better or worse where Welch's p < {spread.ALPHA}",
+            seeded_rows(seeded),
+        )
+    path = _plot(args.output, setting, runs, best, seeded)
     print(f"\nplot: {path}")
     return summary
 
 
-def _plot(output, setting, runs, best):
-    common.save_json(output, "quality", {"setting": setting, "runs": runs})
+def over_seeds(args, best, build_model, muon_options):
+    """{optimizer: its runs at its best learning rate, one per seed}: the
+    grid's run for the first seed, then a run for each other seed."""
+    seeded = {name: [run] for name, run in best.items()}
+    for seed in range(args.seed + 1, args.seed + args.seeds):
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        weights = char_transformer.initial_weights(seed_args)
+        data = char_transformer.text_data(seed_args)
+        for name, runs in seeded.items():
+            learning_rate = best[name]["learning_rate"]
+            print(f"{name} at peak learning rate {learning_rate:g}, seed {seed}", flush=True)
+            curves = common.train(
+                name,
+                learning_rate,
+                build_model,
+                weights,
+                data,
+                args.steps,
+                args.batch_size,
+                args.eval_every,
+                char_transformer.LOSS,
+                muon_options if name == MUON else {},
+                verbose=0,
+                show_routes=False,
+            )
+            runs.append({"optimizer": name, "learning_rate": learning_rate, "seed": seed, **curves})
+    return seeded
+
+
+def seeded_rows(seeded):
+    """The table over seeds: per optimizer, its final validation loss and
+    its steps to AdamW's mean final loss, and how it compares with AdamW
+    and with keras_muon.Muon."""
+    losses = {name: [run["val_loss"][-1] for run in runs] for name, runs in seeded.items()}
+    target = spread.mean_sd(losses[ADAMW])[0] if ADAMW in losses else None
+    rows = []
+    for name, runs in seeded.items():
+        row = {
+            "optimizer": name,
+            "lr": runs[0]["learning_rate"],
+            "validation loss": spread.mean_sd_text(losses[name]),
+        }
+        if target is not None:
+            reached = [steps_to_reach(run, target) for run in runs]
+            reached = [steps for steps in reached if steps is not None]
+            text = spread.mean_sd_text(reached, digits=0) if reached else "never"
+            row["steps to AdamW's mean"] = f"{text} ({len(reached)}/{len(runs)})"
+        for other in (ADAMW, MUON):
+            if other in losses:
+                verdict = "-" if other == name else spread.verdict(losses[name], losses[other])
+                row[f"vs {other.rsplit('.', 1)[1]}"] = verdict
+        rows.append(row)
+    return rows
+
+
+def _plot(output, setting, runs, best, seeded):
+    more = [run for name_runs in seeded.values() for run in name_runs[1:]]
+    common.save_json(
+        output,
+        "quality",
+        {"setting": setting, "runs": runs, "seeded runs": more, "seeds": seeded_rows(seeded)}
+        if seeded
+        else {"setting": setting, "runs": runs},
+    )
     pyplot = common.pyplot()
     figure, (curves_axis, grid_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
     for name, run in best.items():

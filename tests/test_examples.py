@@ -30,6 +30,7 @@ import msign_accuracy  # noqa: E402
 import muonclip  # noqa: E402
 import quality  # noqa: E402
 import routing_survey  # noqa: E402
+import spread  # noqa: E402
 import step_time  # noqa: E402
 
 TINY_TRANSFORMER = [
@@ -643,3 +644,63 @@ def test_golden_runs_pass_on_the_same_code_and_catch_one_changed_bit(tmp_path, c
     np.savez(stem, **arrays)
     assert golden_runs.main(["check", str(tmp_path), "--runs", *runs]) == 1
     assert "1 arrays differ" in capsys.readouterr().out
+
+
+@ONE_BACKEND
+def test_spread_and_the_significance_rule():
+
+    assert spread.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert spread.mean_sd_text([1.5]) == "1.500"
+    assert spread.mean_sd_text([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
+    # Welch's t from its formula: t = (ma − mb) / sqrt(va/na + vb/nb).
+    a, b = [1.20, 1.22, 1.19, 1.21, 1.23], [1.30, 1.27, 1.33, 1.29, 1.31]
+    ma, va = np.mean(a), np.var(a, ddof=1)
+    mb, vb = np.mean(b), np.var(b, ddof=1)
+    t = (ma - mb) / np.sqrt(va / 5 + vb / 5)
+    dof = (va / 5 + vb / 5) ** 2 / ((va / 5) ** 2 / 4 + (vb / 5) ** 2 / 4)
+    from scipy import stats
+
+    assert spread.welch_p_value(a, b) == pytest.approx(2 * stats.t.sf(abs(t), dof))
+    assert spread.verdict(a, b).startswith("better (p=")
+    assert spread.verdict(b, a).startswith("worse (p=")
+    # Overlapping seeds, a single seed, no spread at all.
+    assert spread.verdict([1.20, 1.25, 1.22], [1.21, 1.24, 1.23]).startswith("within noise (p=")
+    assert spread.verdict([1.2], [1.3]) == "within noise"
+    assert spread.welch_p_value([1.0, 1.0], [1.0, 1.0]) == 1.0
+
+
+@ONE_BACKEND
+def test_quality_benchmark_over_seeds(tmp_path, capsys):
+    names = ["keras_muon.Muon", "keras.optimizers.AdamW"]
+    quality.main(
+        [
+            *TINY_TRANSFORMER,
+            "--learning-rates",
+            "1e-3",
+            "1e-2",
+            "--optimizers",
+            *names,
+            "--seeds",
+            "3",
+            "--seed",
+            "4",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert len(saved["runs"]) == 4  # the grid, on the first seed only
+    more = saved["seeded runs"]
+    assert sorted((run["optimizer"], run["seed"]) for run in more) == sorted(
+        (name, seed) for name in names for seed in (5, 6)
+    )
+    # Each seed its own weights and batches: the curves differ.
+    muon = [run["val_loss"] for run in more if run["optimizer"] == names[0]]
+    assert muon[0] != muon[1]
+    rows = {row["optimizer"]: row for row in saved["seeds"]}
+    assert set(rows) == set(names)
+    assert rows[names[0]]["validation loss"].count("±") == 1
+    assert rows[names[1]]["vs AdamW"] == "-" and rows[names[0]]["vs Muon"] == "-"
+    assert rows[names[0]]["vs AdamW"].split(" (")[0] in ("better", "worse", "within noise")
+    assert rows[names[1]]["steps to AdamW's mean"].endswith("/3)")
+    assert "over seeds 4–6" in capsys.readouterr().out
