@@ -274,13 +274,23 @@ def test_a_mixed_float16_model_loaded_under_float32_is_refused_with_the_policy_r
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         saved = classifier_with(keras_muon.Muon(learning_rate=0.02), build=False)
-        saved.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        saved.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
         assert isinstance(saved.optimizer, keras.optimizers.LossScaleOptimizer)
         saved.save(tmp_path / "mixed.keras")
     finally:
         keras.mixed_precision.set_global_policy("float32")
     with pytest.raises(ValueError, match=r"set_global_policy\('mixed_float16'\)"):
         keras.models.load_model(tmp_path / "mixed.keras")
+    # Under the policy it was saved with, it resumes exactly.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        restored = keras.models.load_model(tmp_path / "mixed.keras")
+        restored.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        saved.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(restored.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert_exactly_equal(restored, saved)
 
 
 @pytest.mark.xfail(
