@@ -101,33 +101,13 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     weights, data = char_transformer.initial_weights(args), char_transformer.text_data(args)
-    build_model = char_transformer.model_builder(args)
     muon_options = dict(args.muon_option)
 
-    runs = []
-    for learning_rate in args.learning_rates:
-        for name in args.optimizers:
-            options = muon_options if name == MUON else {}
-            print(f"{name} at peak learning rate {learning_rate:g}", flush=True)
-            curves = common.train(
-                name,
-                learning_rate,
-                build_model,
-                weights,
-                data,
-                args.steps,
-                args.batch_size,
-                args.eval_every,
-                char_transformer.LOSS,
-                options,
-                verbose=0,
-                show_routes=False,
-            )
-            runs.append({"optimizer": name, "learning_rate": learning_rate, **curves})
-            print(
-                f"  validation loss {curves['val_loss'][-1]:.4f}, {curves['seconds']:.1f} s",
-                flush=True,
-            )
+    runs = [
+        one_run(args, name, learning_rate, weights, data, muon_options)
+        for learning_rate in args.learning_rates
+        for name in args.optimizers
+    ]
 
     final = {(run["optimizer"], run["learning_rate"]): run["val_loss"][-1] for run in runs}
     grid = [
@@ -175,7 +155,7 @@ def main(argv=None):
         print(f"note: the best learning rate is at the edge of the grid for {', '.join(edge)}")
     seeded = {}
     if args.seeds > 1:
-        seeded = over_seeds(args, best, build_model, muon_options)
+        seeded = over_seeds(args, best, muon_options)
         common.print_table(
             f"over seeds {args.seed}–{args.seed + args.seeds - 1}, each optimizer at its best "
             f"learning rate of seed {args.seed}; better or worse where Welch's p < {spread.ALPHA}",
@@ -186,7 +166,29 @@ def main(argv=None):
     return summary
 
 
-def over_seeds(args, best, build_model, muon_options):
+def one_run(args, name, learning_rate, weights, data, muon_options):
+    """Optimizer `name` trained from `weights` on `data` at peak
+    `learning_rate`: its curves, with its name, learning rate and seed."""
+    print(f"{name} at peak learning rate {learning_rate:g}, seed {args.seed}", flush=True)
+    curves = common.train(
+        name,
+        learning_rate,
+        char_transformer.model_builder(args),
+        weights,
+        data,
+        args.steps,
+        args.batch_size,
+        args.eval_every,
+        char_transformer.LOSS,
+        muon_options if name == MUON else {},
+        verbose=0,
+        show_routes=False,
+    )
+    print(f"  validation loss {curves['val_loss'][-1]:.4f}, {curves['seconds']:.1f} s", flush=True)
+    return {"optimizer": name, "learning_rate": learning_rate, "seed": args.seed, **curves}
+
+
+def over_seeds(args, best, muon_options):
     """{optimizer: its runs at its best learning rate, one per seed}: the
     grid's run for the first seed, then a run for each other seed."""
     seeded = {name: [run] for name, run in best.items()}
@@ -196,22 +198,7 @@ def over_seeds(args, best, build_model, muon_options):
         data = char_transformer.text_data(seed_args)
         for name, runs in seeded.items():
             learning_rate = best[name]["learning_rate"]
-            print(f"{name} at peak learning rate {learning_rate:g}, seed {seed}", flush=True)
-            curves = common.train(
-                name,
-                learning_rate,
-                build_model,
-                weights,
-                data,
-                args.steps,
-                args.batch_size,
-                args.eval_every,
-                char_transformer.LOSS,
-                muon_options if name == MUON else {},
-                verbose=0,
-                show_routes=False,
-            )
-            runs.append({"optimizer": name, "learning_rate": learning_rate, "seed": seed, **curves})
+            runs.append(one_run(seed_args, name, learning_rate, weights, data, muon_options))
     return seeded
 
 
