@@ -330,9 +330,16 @@ def interleaved_medians(calls, rounds):
 
 
 def state_bytes(optimizer):
+    """Bytes of the optimizer's state: its variables, but keras_muon's
+    record of its class, name and routes (metadata of a few hundred bytes
+    kept for checkpoints)."""
     import numpy as np
 
-    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in optimizer.variables)
+    from keras_muon.checkpoint import positional_variables
+
+    return sum(
+        int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in positional_variables(optimizer)
+    )
 
 
 def ns_flops(optimizer, model):
