@@ -4,11 +4,19 @@ transformer of examples/char_transformer.py with keras_muon.Muon under
 step (Newton–Schulz's singular values every 100 steps in both), measured
 alternately in one process on one compiled model.
 
-Each round trains `--steps` steps per setting with `fit` (a fresh monitor
-each time, so each round measures the same steps); the step time is the
-wall time of that `fit` divided by its steps, the median over rounds. A
-first round, not counted, compiles the train step and the monitor's
-reductions (on JAX, each eager operation compiles once per shape).
+Each round trains `--steps` steps per setting with `fit`. Per setting,
+the table gives the median over rounds of `fit`'s wall time per step and
+of the time per step spent in the monitor's hooks, where it copies,
+syncs JAX's state and measures: on a shared machine whose load moves
+the step time by more than the monitor costs, the second still resolves
+that cost. Each setting keeps one monitor for all its rounds, as a long run
+would, its steps counted on from one `fit` to the next: with 100 steps a
+round, every round measures as many steps and one singular-value step,
+and the singular values of the first measured step, which a long run
+measures once, fall in the first round. That round, not counted, also
+compiles the train step and the monitor's reductions (on JAX, each eager
+operation compiles once per shape; on TensorFlow, the copy and the
+reductions are traced once).
 
     KERAS_BACKEND=jax python benchmarks/monitor_cost.py
 """
@@ -29,6 +37,29 @@ from char_transformer import char_transformer  # noqa: E402
 from common import add_text_model_flags  # noqa: E402
 from common import positive_int  # noqa: E402
 from common import print_table  # noqa: E402
+
+
+class TimedMonitor(keras_muon.MuonMonitor):
+    """A `MuonMonitor` that adds up the wall time of the hooks where it
+    copies and measures (the batch end, which only copies the last values
+    into the logs, is left out: Keras may run it in a thread)."""
+
+    seconds = 0.0
+
+    def _timed(self, hook, *args):
+        start = time.perf_counter()
+        hook(*args)
+        self.seconds += time.perf_counter() - start
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._timed(super().on_train_batch_begin, batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._timed(super().on_epoch_end, epoch, logs)
+
+    def on_train_end(self, logs=None):
+        self._timed(super().on_train_end, logs)
+
 
 # setting: the monitor's arguments, or None for no monitor
 SETTINGS = {
@@ -60,14 +91,21 @@ def main(argv=None):
     tokens = rng.integers(0, 256, (args.steps * args.batch_size, args.sequence_length + 1))
     x, y = tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32")
     times = {name: [] for name in SETTINGS}
+    monitor_times = {name: [] for name in SETTINGS}  # in the monitor's hooks
+    callbacks = {
+        name: [] if options is None else [TimedMonitor(**options)]
+        for name, options in SETTINGS.items()
+    }
     # The first round compiles the train step and the monitor's reductions.
     for round in range(args.rounds + 1):
-        for name, options in SETTINGS.items():
-            callbacks = [] if options is None else [keras_muon.MuonMonitor(**options)]
+        for name in SETTINGS:
+            monitored = sum(c.seconds for c in callbacks[name])
             start = time.perf_counter()
-            model.fit(x, y, batch_size=args.batch_size, verbose=0, callbacks=callbacks)
+            model.fit(x, y, batch_size=args.batch_size, verbose=0, callbacks=callbacks[name])
             if round:
                 times[name].append((time.perf_counter() - start) / args.steps)
+                monitored = sum(c.seconds for c in callbacks[name]) - monitored
+                monitor_times[name].append(monitored / args.steps)
     plain = statistics.median(times["no monitor"])
     print_table(
         f"{keras.backend.backend()}, {args.depth} blocks, width {args.width}, "
@@ -78,6 +116,8 @@ def main(argv=None):
                 "setting": name,
                 "step ms": 1000 * statistics.median(t),
                 "× no monitor": statistics.median(t) / plain,
+                "in monitor ms": 1000 * statistics.median(monitor_times[name]),
+                "÷ no-monitor step": statistics.median(monitor_times[name]) / plain,
             }
             for name, t in times.items()
         ],

@@ -1,8 +1,10 @@
 """The numbers `MuonMonitor` reports, each a small function of tensors
 taken before and after one optimizer step.
 
-Reductions run on the device; each function moves one small array to the
-host, so a measurement costs a few transfers, not one per variable.
+Reductions run on the device and stay there (`step_reductions`, a pure
+function of tensors, so that TensorFlow can run it as one graph); the
+monitor moves their few small arrays to the host once per measurement,
+not one number per variable.
 """
 
 import numpy as np
@@ -12,21 +14,45 @@ from keras_muon.update import rule
 from keras_muon.update.newton_schulz import msign
 
 
+def copies(tensors):
+    """A copy of each of `tensors`, taken now: TensorFlow and torch change
+    variables in place, and JAX's `fit` donates its state's buffers to the
+    next step."""
+    return [ops.copy(t) for t in tensors]
+
+
 def squared_norms(tensors):
-    """`‖t‖²` of each of `tensors`, summed in float32 on the device, as a
-    float64 NumPy array."""
+    """`‖t‖²` of each of `tensors`, summed in float32: a float32 tensor of
+    shape `(len(tensors),)`, left on the device."""
     if not tensors:
-        return np.zeros(0)
-    norms = [ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors]
-    return ops.convert_to_numpy(ops.stack(norms)).astype(np.float64)
+        return ops.zeros((0,), "float32")
+    return ops.stack([ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors])
 
 
 def finite(tensors):
-    """Whether every entry of each of `tensors` is finite, as a NumPy bool
-    array."""
+    """Whether every entry of each of `tensors` is finite: a bool tensor of
+    shape `(len(tensors),)`, left on the device."""
     if not tensors:
-        return np.zeros(0, bool)
-    return ops.convert_to_numpy(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))
+        return ops.zeros((0,), "bool")
+    return ops.stack([ops.all(ops.isfinite(t)) for t in tensors])
+
+
+def step_reductions(before, after, moments):
+    """Everything a measured step reduces on the device, in one call.
+
+    Args:
+        before: The value of each trained variable before the step.
+        after: The same variables' values after it, in the same order.
+        moments: The first moment of each variable the optimizer updates.
+
+    Returns:
+        `(update_squares, weight_squares, finite)`, three tensors:
+        `‖after − before‖²` and `‖after‖²` of each variable (float32; the
+        difference taken in the variable's dtype, as the step changed it),
+        and whether every entry of each moment is finite.
+    """
+    updates = [a - b for a, b in zip(after, before)]
+    return squared_norms(updates), squared_norms(after), finite(moments)
 
 
 def route_statistics(sizes, update_squares, weight_squares):

@@ -10,8 +10,10 @@ import pytest
 from keras import ops
 
 import keras_muon
+from keras_muon.monitor import callback
 from keras_muon.monitor import statistics
 from tests.helpers import classifier_data
+from tests.helpers import random_arrays
 from tests.helpers import small_classifier
 from tests.qk_clip.attention import fit_one_step
 from tests.qk_clip.attention import without_learning
@@ -41,7 +43,7 @@ class WeightRecorder(keras.callbacks.Callback):
             self.after = self._weights()
 
 
-def fit(optimizer, monitor, steps=4, jit_compile="auto", callbacks=()):
+def fit(optimizer, monitor, steps=4, jit_compile="auto", callbacks=(), epochs=1):
     keras.utils.set_random_seed(0)
     model = small_classifier()
     model.compile(
@@ -51,7 +53,9 @@ def fit(optimizer, monitor, steps=4, jit_compile="auto", callbacks=()):
     )
     x, y = classifier_data(8 * steps)
     recorder = WeightRecorder(steps - 1)
-    history = model.fit(x, y, batch_size=8, verbose=0, callbacks=[monitor, recorder, *callbacks])
+    history = model.fit(
+        x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=[monitor, recorder, *callbacks]
+    )
     return model, history, recorder
 
 
@@ -136,11 +140,10 @@ def test_singular_values_are_those_of_the_update_the_optimizer_applied(ns_steps)
     want = statistics.singular_value_range_of(direction[None], applied[None])
     assert history.history["ns_min_singular_value"] == [pytest.approx(want[0], rel=1e-3)]
     assert history.history["ns_max_singular_value"] == [pytest.approx(want[1], rel=1e-3)]
+    # Measured at the first measured step, then every 4 steps.
     assert monitor.history["step"] == [2, 4]
-    assert monitor.history["ns_min_singular_value"] == [
-        None,
-        history.history["ns_min_singular_value"][0],
-    ]
+    first, last = monitor.history["ns_min_singular_value"]
+    assert 0 < first < 1.2 and last == history.history["ns_min_singular_value"][0]
     # Fewer steps orthogonalize less: 3 steps of Polar Express stop short.
     assert (want[0] < 0.5) == (ns_steps == 3)
 
@@ -180,6 +183,96 @@ def test_non_finite_gradients_are_counted_per_route_and_the_first_named():
     assert monitor.values["muon_non_finite"] == 1
 
 
+def test_a_short_fit_with_the_default_arguments_has_singular_values_from_its_first_epoch():
+    # 12 steps an epoch: shorter than `singular_values_every` (100), longer
+    # than `every` (10).
+    monitor = keras_muon.MuonMonitor()
+    _, history, _ = fit(keras_muon.Muon(learning_rate=LEARNING_RATE), monitor, steps=12, epochs=2)
+    assert monitor.history["step"] == [10, 20]
+    assert [v is None for v in monitor.history["ns_min_singular_value"]] == [False, True]
+    for name in ("ns_min_singular_value", "ns_max_singular_value"):
+        # The epoch logs hold the last measured value: step 10's in both.
+        assert history.history[name] == [monitor.history[name][0]] * 2, name
+    low, high = (
+        history.history["ns_min_singular_value"][0],
+        history.history["ns_max_singular_value"][0],
+    )
+    assert 0.5 < low <= high < 1.2  # 5 steps of Polar Express: about [0.84, 1.12]
+
+
+@pytest.mark.parametrize(
+    "every, singular_values_every, measured",
+    [(2, 6, [2, 6, 12]), (3, 3, [3, 6, 9, 12]), (4, 4 * 100, [4])],
+)
+def test_after_the_first_measured_step_singular_values_keep_their_cadence(
+    every, singular_values_every, measured
+):
+    model = small_classifier()
+    optimizer = keras_muon.Muon()
+    optimizer.attach(model)
+    monitor = keras_muon.MuonMonitor(
+        every=every, singular_values_every=singular_values_every, optimizer=optimizer
+    )
+    monitor.set_model(model)
+    variables = model.trainable_variables
+    for step in range(13):
+        monitor.on_train_batch_begin(step)
+        optimizer.apply(random_arrays([v.shape for v in variables], seed=step), variables)
+    monitor.on_train_end()
+    steps = monitor.history["step"]
+    assert steps == list(range(every, 14, every))
+    values = monitor.history["ns_max_singular_value"]
+    assert [s for s, v in zip(steps, values) if v is not None] == measured
+
+
+ON_TENSORFLOW = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="measurements are compiled on TensorFlow only"
+)
+
+
+@ON_TENSORFLOW
+def test_a_compiled_measurement_gives_the_numbers_of_the_eager_one():
+    shapes = [(48, 16), (16,), (20, 8), (3, 4, 5)]
+    before = random_arrays(shapes, seed=5)
+    after = [
+        keras.Variable(x, dtype=dtype)
+        for x, dtype in zip(
+            random_arrays(shapes, seed=6), ["float32", "float32", "bfloat16", "float16"]
+        )
+    ]
+    moments = random_arrays(shapes, seed=7)
+    moments[3][0, 1, 2] = np.inf
+    inputs = (
+        [ops.cast(b, a.dtype) for b, a in zip(before, after)],
+        [a.value for a in after],  # what the monitor passes: TensorFlow variables
+        moments,
+    )
+    compiled = callback._step_reductions(*inputs)
+    eager = statistics.step_reductions(*inputs)
+    for c, e in zip(compiled, eager):
+        np.testing.assert_allclose(ops.convert_to_numpy(c), ops.convert_to_numpy(e), rtol=1e-6)
+    assert ops.convert_to_numpy(compiled[2]).tolist() == [True, True, True, False]
+    for c, a in zip(callback._copies(inputs[1]), after):
+        np.testing.assert_array_equal(ops.convert_to_numpy(c), ops.convert_to_numpy(a))
+
+
+@ON_TENSORFLOW
+def test_compiled_measurements_are_traced_once_per_set_of_shapes():
+    compiled = (callback._copies, callback._step_reductions)
+    traces = [[f.experimental_get_tracing_count() for f in compiled]]
+    for _ in range(2):  # each fit with a monitor of its own
+        monitor = keras_muon.MuonMonitor(every=1, singular_values_every=3)
+        fit(keras_muon.Muon(learning_rate=LEARNING_RATE), monitor, steps=7)
+        assert monitor.history["step"] == list(range(1, 8))
+        traces.append([f.experimental_get_tracing_count() for f in compiled])
+    # 7 measured steps: the copies traced at most twice (with the momentums,
+    # at singular-value steps, and without), the reductions at most once
+    # (none if an earlier test traced them for the same model)...
+    assert traces[1][0] - traces[0][0] <= 2 and traces[1][1] - traces[0][1] <= 1
+    # ...and reused by the next monitor.
+    assert traces[2] == traces[1]
+
+
 def read_events(directory):
     import tensorflow as tf
 
@@ -201,7 +294,7 @@ def test_a_tensorboard_log_holds_the_monitors_scalars_and_histograms(tmp_path):
         assert tags[f"epoch_{name}"] == [0], name
     # Written by the monitor at each measured step.
     assert tags["monitor/muon_update_ratio"] == [2, 4]
-    assert tags["monitor/ns_max_singular_value"] == [4]
+    assert tags["monitor/ns_max_singular_value"] == [2, 4]
     assert tags["monitor/muon_variable_ratios"] == [2, 4]
 
 

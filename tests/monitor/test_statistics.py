@@ -13,14 +13,38 @@ from tests.helpers import random_arrays
 def test_squared_norms_and_finiteness_per_tensor():
     a, b = random_arrays([(3, 4), (5,)], seed=0)
     np.testing.assert_allclose(
-        statistics.squared_norms([a, b]), [np.sum(a**2), np.sum(b**2)], rtol=1e-6
+        ops.convert_to_numpy(statistics.squared_norms([a, b])),
+        [np.sum(a**2), np.sum(b**2)],
+        rtol=1e-6,
     )
     b[2] = np.inf
-    assert statistics.finite([a, b, np.full(2, np.nan)]).tolist() == [
-        True,
-        False,
-        False,
-    ]
+    finite = statistics.finite([a, b, np.full(2, np.nan)])
+    assert ops.convert_to_numpy(finite).tolist() == [True, False, False]
+    # No tensors: empty results of the same dtypes, so one graph serves.
+    assert ops.convert_to_numpy(statistics.squared_norms([])).shape == (0,)
+    assert ops.convert_to_numpy(statistics.finite([])).dtype == bool
+
+
+def test_step_reductions_take_the_change_in_the_variables_dtype():
+    before, after, moment = random_arrays([(3, 4), (3, 4), (6,)], seed=4)
+    moment[1] = np.nan
+    low = [ops.cast(x, "bfloat16") for x in (before, after)]
+    update_squares, weight_squares, finite = (
+        ops.convert_to_numpy(x)
+        for x in statistics.step_reductions(
+            [before, low[0]], [after, low[1]], [moment, np.ones(2, "float32")]
+        )
+    )
+    # bfloat16 − bfloat16 rounds to bfloat16, as the step's change did.
+    low_change = ops.convert_to_numpy(ops.cast(low[1] - low[0], "float32"))
+    np.testing.assert_allclose(
+        update_squares, [np.sum((after - before) ** 2), np.sum(low_change**2)], rtol=1e-6
+    )
+    low_after = ops.convert_to_numpy(ops.cast(low[1], "float32"))
+    np.testing.assert_allclose(weight_squares, [np.sum(after**2), np.sum(low_after**2)], rtol=1e-6)
+    assert finite.tolist() == [False, True]
+    copies = statistics.copies([before, low[0]])
+    np.testing.assert_array_equal(ops.convert_to_numpy(copies[0]), before)
 
 
 def test_route_statistics_pool_the_entries_and_rank_the_variables():
