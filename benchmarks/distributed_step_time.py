@@ -20,7 +20,8 @@ interleaved round by round (medians of the rounds):
   routing: all blocks on one device; split, `ceil(n / devices)` blocks of
   each group of `n` blocks of one shape (the rest is zero padding);
 - update MB per device: the most memory the compiled update holds at once
-  on one device (arguments, outputs, scratch), from XLA's memory analysis;
+  on one device (arguments, outputs not donated, scratch), from XLA's
+  memory analysis, the weights and the state donated as `fit` donates them;
 - collectives: those of the compiled update, by kind, and whether they
   are the same with twice the Newton–Schulz steps (none runs within the
   iteration).
@@ -39,6 +40,7 @@ import re
 import sys
 from pathlib import Path
 
+from memory import donated_update
 from step_time import block_groups
 from step_time import interleaved_medians
 from step_time import machine
@@ -303,7 +305,9 @@ def compiled_update(distribution, build, optimizer):
         variables = [v.value for v in model.trainable_variables]
         grads = [jax.device_put(np.ones(v.shape, v.dtype), v.sharding) for v in variables]
         state = [v.value for v in optimizer.variables]
-        return jax.jit(optimizer.stateless_apply).lower(state, grads, variables).compile()
+        # Donated as Keras's train step donates them (benchmarks/memory.py).
+        update = jax.jit(donated_update(optimizer), donate_argnums=(0, 1))
+        return update.lower(variables, state, grads).compile()
 
 
 def update_flops(distribution, build, name):

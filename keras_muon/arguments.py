@@ -54,6 +54,11 @@ def positive_integer(arg, value):
     return int(value)
 
 
+def optional_integer(arg, value):
+    """`positive_integer(arg, value)`, or None for None."""
+    return None if value is None else positive_integer(arg, value)
+
+
 def boolean(arg, value):
     if not isinstance(value, bool):
         raise ValueError(f"`{arg}` must be True or False. Received: {arg}={value!r}")
@@ -128,6 +133,21 @@ ARGUMENTS = {
     blocks and the devices all-gather the results; on torch every process
     must train a copy of the same model. `False`: every device
     orthogonalizes every block. Defaults to `True`.""",
+    "ns_bucket_bytes": """Integer >= 1 or `None`: the most bytes of
+    float32 blocks each device orthogonalizes at once. The Muon variables
+    are updated in buckets of blocks of one shape, one bucket after the
+    other, so the update's scratch memory stays that of one bucket however
+    large the model (docs/distributed.md); a variable is never cut. It
+    must hold the largest block. Defaults to `None`: 128 MiB, or the
+    largest block where that is larger, which leaves a small model's blocks
+    of one shape in one batch.""",
+    "momentum_dtype": """`"float32"`, `"bfloat16"` or `"int8"`: how Muon's
+    momentum is stored between steps. `"int8"` keeps blocks of up to 2048
+    elements along its last axis as int8 codes with one float32 scale each,
+    about a quarter of float32's bytes. The update computes in float32 and
+    Newton–Schulz sees the step's momentum before it is rounded. AdamW's
+    moments and NorMuon's and AdaMuon's second moments stay float32.
+    Defaults to `"float32"` (docs/distributed.md).""",
     "lora": """`"muon"` or `"adamw"`: where the LoRA factors of `Dense` and
     `EinsumDense` kernels (`enable_lora`) go. On Muon each factor is a
     matrix of its own, `(d_in, r)` and `(r, d_out)`, scaled as any block

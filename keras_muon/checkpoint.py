@@ -81,8 +81,15 @@ def add_layout_record(optimizer):
     # At `keras_muon/layout` whatever the scope of the build (TensorFlow's
     # `fit` builds inside the optimizer's scope, in its traced step).
     with eager_scope(), keras.name_scope("keras_muon", override_parent=""):
+        value = np.array(_record(optimizer), "int32")
+        # From an initializer: deferred, as the rest of the state, when the
+        # optimizer is built in a stateless scope (a compile-only measure).
         record = LayoutRecord(
-            np.array(_record(optimizer), "int32"), dtype="int32", trainable=False, name="layout"
+            lambda shape, dtype: value,
+            shape=value.shape,
+            dtype="int32",
+            trainable=False,
+            name="layout",
         )
     record._optimizer = weakref.ref(optimizer)
     optimizer._track_variable(record)
@@ -181,9 +188,11 @@ def _assign(optimizer, saved):
             f"{len(values)} variables and this optimizer {len(variables)}. The "
             "options that add variables must be as when it was saved: `use_ema` "
             "(one average per trained variable; here "
-            f"use_ema={optimizer.use_ema}) and `gradient_accumulation_steps` "
+            f"use_ema={optimizer.use_ema}), `gradient_accumulation_steps` "
             "(one accumulator per trained variable; here "
-            f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}). " + SWITCHING
+            f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}) "
+            "and `momentum_dtype` (int8 keeps scales beside each Muon momentum; "
+            f"here momentum_dtype={optimizer.momentum_dtype!r}). " + SWITCHING
         )
     for variable, value in zip(variables, values):
         variable.assign(value)

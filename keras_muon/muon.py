@@ -10,18 +10,22 @@ from keras_muon.arguments import Default
 from keras_muon.arguments import boolean
 from keras_muon.arguments import document
 from keras_muon.arguments import number
+from keras_muon.arguments import optional_integer
 from keras_muon.arguments import optional_number
 from keras_muon.backends import distributed
 from keras_muon.qk_clip.clip import QKClip
 from keras_muon.routing import route
 from keras_muon.routing.views import Route
 from keras_muon.update import batching
+from keras_muon.update import momentum_storage
 from keras_muon.update import rule
+from keras_muon.update.momentum_storage import checked_momentum_dtype
 from keras_muon.update.newton_schulz import checked_dtype
 from keras_muon.update.newton_schulz import coefficient_schedule
 from keras_muon.update.state import Entry
 from keras_muon.update.state import VariableState
 from keras_muon.update.state import add_moment
+from keras_muon.update.state import add_muon_momentum
 from keras_muon.update.state import add_radius
 
 
@@ -62,20 +66,17 @@ class Muon(keras.optimizers.Optimizer):
 
     msign is the orthogonal polar factor, by Newton–Schulz iteration, and
     `s` depends on `scale` and `(d_in, d_out)`. AdamW variables get AdamW
-    at `lr·adam_lr_ratio` with `adam_weight_decay`. `tests/reference.py`
-    is the update in NumPy, on one page. In a custom training loop, call
-    `attach(model)` first (`fit` finds the model).
+    at `lr·adam_lr_ratio` with `adam_weight_decay`. In a custom training
+    loop, call `attach(model)` first (`fit` finds the model).
 
     A variant subclasses `Muon` and overrides hooks (NorMuon, two):
-    - `_block_scale(view)`: the factor `s` of a variable's blocks;
-    - `_add_variant_state(variable, view)`: state kept per Muon variable
-      besides its momentum (see `update.state.add_float32_state`);
-    - `_orthogonalization_input(blocks)`: what msign is applied to, from
-      the directions `N` stacked as wide blocks (AdaMuon: `sign(N)`);
-    - `_normalized(entry, blocks)`: the step after msign, on a variable's
-      blocks `O` `(num_blocks, d_in, d_out)`; its state is `entry.state`.
-    Overriding a phase of `_update` changes the algorithm on every backend
-    (docs/architecture.md).
+    `_block_scale(view)`, the factor `s` of a variable's blocks;
+    `_add_variant_state(variable, view)`, its state besides the momentum
+    (`update.state.add_float32_state`); `_orthogonalization_input(blocks)`,
+    what msign is applied to, from the directions `N` as wide blocks
+    (AdaMuon: `sign(N)`); `_normalized(entry, blocks)`, the step after
+    msign on a variable's blocks `O`, its state `entry.state`. Overriding a
+    phase of `_update` changes the algorithm on every backend.
 
     Args:
         {{muon_arguments}}
@@ -111,6 +112,8 @@ class Muon(keras.optimizers.Optimizer):
         qk_clip_threshold=None,
         qk_clip_alpha=0.5,
         split_newton_schulz=True,
+        ns_bucket_bytes=None,
+        momentum_dtype="float32",
         lora="muon",
         hyperball=False,
         name=None,
@@ -143,14 +146,15 @@ class Muon(keras.optimizers.Optimizer):
         self.qk_clip_alpha = number("qk_clip_alpha", qk_clip_alpha, minimum=0.0, maximum=1.0)
         self._qk_clip = QKClip.for_optimizer(self)  # None without a threshold
         self.split_newton_schulz = boolean("split_newton_schulz", split_newton_schulz)
+        self.ns_bucket_bytes = optional_integer("ns_bucket_bytes", ns_bucket_bytes)
+        self.momentum_dtype = checked_momentum_dtype(momentum_dtype)
         self.lora = route.checked_lora(lora)
         self.hyperball = hyperball
         self._attached_model = None
         self._state_to_restore = None  # loaded before the optimizer was built
 
     def attach(self, model):
-        """Names the `keras.Model` whose variables this optimizer will train,
-        in a custom training loop, before it is built. `fit` finds it."""
+        """Names the model to train, in a custom loop (`fit` finds it)."""
         self._attached_model = route.attached(self, model)
 
     def build(self, var_list):
@@ -164,6 +168,7 @@ class Muon(keras.optimizers.Optimizer):
         routes = route.route_variables(
             var_list, model, self.per_head, self._exclude_patterns, self.lora
         )
+        batching.check_bucket_bytes(self.ns_bucket_bytes, var_list, [r.view for r in routes])
         self._states = [self._add_state(v, r) for v, r in zip(var_list, routes)]
         if self._qk_clip is not None:
             self._qk_clip.build(self)
@@ -176,13 +181,14 @@ class Muon(keras.optimizers.Optimizer):
             return VariableState(Route(None, "overwritten with its gradient"))
         if self._qk_clip is not None and self._qk_clip.is_probe(variable):
             return VariableState(Route(None, "QK-Clip logit probe, never updated"))
-        momentum, decays = add_moment(self, variable, "momentum"), self._use_weight_decay(variable)
+        decays = self._use_weight_decay(variable)
         if route.view is None:
-            velocity = add_moment(self, variable, "velocity")
+            momentum, velocity = (add_moment(self, variable, n) for n in ("momentum", "velocity"))
             return VariableState(route, momentum, velocity, decays=decays)
+        momentum, scales = add_muon_momentum(self, variable, self.momentum_dtype)
         state, scale = self._add_variant_state(variable, route.view), self._block_scale(route.view)
         radius = add_radius(self, variable, route.view) if self.hyperball else None
-        return VariableState(route, momentum, None, state, scale, decays, radius)
+        return VariableState(route, momentum, None, state, scale, decays, radius, scales)
 
     # The variant hooks (see the class docstring): Muon's do nothing.
 
@@ -217,17 +223,19 @@ class Muon(keras.optimizers.Optimizer):
         each = super()._backend_update_step  # `update_step` per variable
         tf_distribute.update(self, grads, trainable_variables, learning_rate, each)
 
-    def update_step(self, gradient, variable, learning_rate):
-        # One variable at a time; QK-Clip refuses the strategies that do it.
+    def update_step(self, gradient, variable, learning_rate):  # QK-Clip refuses its callers
         self._update([gradient], [variable], learning_rate)
 
     def _update(self, grads, variables, learning_rate):
         """One step of `variables`: the equations above, phase by phase."""
         adamw, muon = self._entries_by_route(grads, variables)
         self._adamw_update(adamw, learning_rate)
-        batches = self._momentum_update(muon)  # M ← β·M + G; N, by block shape
-        orthogonal = [self._orthogonalize(batch) for batch in batches]  # O = msign(N)
-        self._muon_update(batches, orthogonal, learning_rate)  # W ← W − lr·(s·O + λ·W)
+        splits, budget = distributed.split_counts(muon), self.ns_bucket_bytes
+        buckets = batching.buckets(muon, distributed.placements(muon), budget, splits)
+        for bucket in batching.one_after_another(buckets, adamw):  # ≤ ns_bucket_bytes/device
+            batches = self._momentum_update(bucket)  # M ← β·M + G; N, by block shape
+            orthogonal = [self._orthogonalize(batch) for batch in batches]  # O = msign(N)
+            self._muon_update(batches, orthogonal, learning_rate)  # W ← W − lr·(s·O + λ·W)
         self._clip_attention()  # QK-Clip, if on
 
     def _entries_by_route(self, grads, variables):
@@ -261,11 +269,12 @@ class Muon(keras.optimizers.Optimizer):
         """`M ← β·M + G` per Muon variable; `N` in a `BlockBatch` per shape."""
         directions = []
         for _, gradient, state in entries:
-            gradient = ops.cast(gradient, state.momentum.dtype)
+            gradient = ops.cast(gradient, state.dtype)
             momentum, direction = rule.momentum_and_direction(
-                state.momentum, gradient, self.momentum, self.nesterov
+                momentum_storage.read(state), gradient, self.momentum, self.nesterov
             )
-            self.assign(state.momentum, momentum)
+            for variable, value in momentum_storage.stored(state, momentum):
+                self.assign(variable, value)
             directions.append(state.route.view.to_wide_blocks(direction))
         return batching.stack_by_shape(entries, directions, distributed.placements(entries))
 
@@ -282,8 +291,7 @@ class Muon(keras.optimizers.Optimizer):
         for batch, stacked in zip(batches, orthogonal):
             for entry, blocks in batching.unstack(batch, stacked):
                 variable, _, state = entry
-                dtype = state.momentum.dtype
-                lr = ops.cast(learning_rate, dtype)
+                dtype, lr = state.dtype, ops.cast(learning_rate, state.dtype)
                 view, blocks = state.route.view, ops.cast(self._normalized(entry, blocks), dtype)
                 weights = ops.cast(variable, dtype)
                 if state.radius is not None:  # normalized: the scale `s` drops out
@@ -310,27 +318,23 @@ class Muon(keras.optimizers.Optimizer):
     def _apply_weight_decay(self, variables):
         pass  # in `_update`, at each route's rate
 
-    def save_own_variables(self, store):
-        checkpoint.save(self, store)
-
-    def load_own_variables(self, store):
-        checkpoint.load(self, store)
+    # By position as Keras does, with the routes and the class (checkpoint.py).
+    save_own_variables = checkpoint.save
+    load_own_variables = checkpoint.load
 
     def routing_table(self):
-        """How each trainable variable is optimized, one dict per variable:
-        `path`, `shape`, `route` (`"muon"` or `"adamw"`), `reason`, and
-        `matrix_shape` (`(d_in, d_out)` of one block), `num_blocks` and
-        `scale` (the factor `s`), these three None for AdamW."""
+        """How each trainable variable is optimized, a dict per variable:
+        `path`, `shape`, `route` (`"muon"` or `"adamw"`), `reason`; for Muon
+        `matrix_shape` (`(d_in, d_out)`), `num_blocks`, `scale` (`s`)."""
         return report.routing_table(self)
 
     def summary(self, print_fn=None):
-        """Prints `routing_table()` as a table, and QK-Clip's layers, with
-        `print_fn` (default `print`)."""
+        """Prints `routing_table()` and QK-Clip's layers with `print_fn`."""
         (print_fn or print)(report.summary(self))
 
     def max_logits(self):
-        """QK-Clip's record of the last step: each query head's largest
-        attention logit, before the clip, as `{layer path: numpy array}`."""
+        """QK-Clip's record of the last step: `{layer path: each query
+        head's largest attention logit before the clip}` (NumPy)."""
         return QKClip.of(self).max_logits()
 
     def clipped_heads(self):
@@ -366,6 +370,8 @@ _CONFIG = (
     "qk_clip_threshold",
     "qk_clip_alpha",
     "split_newton_schulz",
+    "ns_bucket_bytes",
+    "momentum_dtype",
     "lora",
     "hyperball",
 )

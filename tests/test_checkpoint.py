@@ -235,6 +235,8 @@ def test_state_kept_for_the_build_is_checked_when_it_builds(tmp_path):
         ({"use_ema": True}, {}, "use_ema=False"),
         ({"gradient_accumulation_steps": 2}, {}, "gradient_accumulation_steps=None"),
         ({}, {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2"),
+        ({}, {"momentum_dtype": "int8"}, "momentum_dtype='int8'"),
+        ({"momentum_dtype": "int8"}, {}, "momentum_dtype='float32'"),
     ],
 )
 def test_options_that_add_variables_must_match_and_are_named(

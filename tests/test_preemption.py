@@ -65,9 +65,7 @@ class KillAtEpoch(keras.callbacks.Callback):
 def killed_during_the_second_save():
     """Makes the second save SIGKILL the process once the optimizer's
     variables are written, before the file is closed."""
-    from keras_muon import checkpoint
-
-    save, saves = checkpoint.save, []
+    save, saves = keras_muon.Muon.save_own_variables, []
 
     def save_then_die(optimizer, store):
         save(optimizer, store)
@@ -75,7 +73,7 @@ def killed_during_the_second_save():
         if len(saves) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint.save = save_then_die
+    keras_muon.Muon.save_own_variables = save_then_die
 
 
 def child(mode, backup, output):

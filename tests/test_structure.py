@@ -22,6 +22,7 @@ LAYERS = [
     # The arithmetic.
     "update.newton_schulz",
     "update.rule",
+    "update.momentum_storage",
     "update.state",
     "update.batching",
     # Which variables are matrices, and how they are read.

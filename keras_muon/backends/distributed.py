@@ -120,6 +120,24 @@ def placements(entries):
     return [None if distribution is None else _placement(entry, distribution) for entry in entries]
 
 
+def split_counts(entries):
+    """For each `Entry` of a Muon variable: over how many devices its layout
+    splits it (`keras.distribution`, JAX), so that each holds that share of
+    its blocks; 1 where every device holds all of it (replicated, data
+    parallel, other backends)."""
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    if distribution is None:
+        return [1] * len(entries)
+    mesh = distribution.device_mesh
+    sizes = dict(zip(mesh.axis_names, mesh.shape))
+    counts = []
+    for entry in entries:
+        layout = getattr(entry.variable, "_layout", None)
+        axes = () if layout is None else [a for a in layout.axes if a is not None]
+        counts.append(math.prod(sizes[a] for a in axes))
+    return counts
+
+
 def _placement(entry, distribution):
     layout = getattr(entry.variable, "_layout", None)
     view = entry.state.route.view

@@ -21,6 +21,7 @@ import torch
 from keras import ops
 
 from keras_muon.update import batching
+from keras_muon.update import momentum_storage
 from keras_muon.update import rule
 
 # The formulas: twins of those of update/rule.py.
@@ -110,10 +111,15 @@ def momentum_update(optimizer, entries):
     """`Muon._momentum_update`."""
     directions = {}
     for dtype, group in _by_state_dtype(entries):
-        momentums = [entry.state.momentum.value for entry in group]
+        # A float32 momentum is updated in place; a rounded one in a copy.
+        momentums = [_value(momentum_storage.read(entry.state)) for entry in group]
         gradients = [_as(ops.convert_to_tensor(entry.gradient), dtype) for entry in group]
         new = momentum_and_direction(momentums, gradients, optimizer.momentum, optimizer.nesterov)
         directions.update(zip(map(id, group), new))
+        for entry, momentum in zip(group, momentums):
+            if momentum is not entry.state.momentum.value:
+                for variable, value in momentum_storage.stored(entry.state, momentum):
+                    variable.value.copy_(value)
     wide_blocks = [e.state.route.view.to_wide_blocks(directions[id(e)]) for e in entries]
     return batching.stack_by_shape(entries, wide_blocks)
 
@@ -163,7 +169,14 @@ def _by_state_dtype(entries):
 
 
 def _state_dtype(entry):
-    return entry.state.momentum.value.dtype
+    """The torch dtype of `entry`'s update (`VariableState.dtype`)."""
+    momentum = entry.state.momentum.value
+    return momentum.dtype if entry.state.dtype == entry.state.momentum.dtype else torch.float32
+
+
+def _value(momentum):
+    """A momentum's torch tensor: the variable's own, or a computed one."""
+    return momentum.value if hasattr(momentum, "value") else momentum
 
 
 def _decay(optimizer, entries, weights, updates, lr, rate):

@@ -13,6 +13,7 @@ from keras_muon.monitor import statistics
 from keras_muon.muon import Muon
 from keras_muon.naming import variable_path
 from keras_muon.routing import route
+from keras_muon.update import momentum_storage
 
 ROUTES = ("muon", "adamw")
 ROUTE_METRICS = (
@@ -165,7 +166,7 @@ class MuonMonitor(keras.callbacks.Callback):
         states = []  # the Muon momentums too, to rebuild the step's msign input
         if self._measures_singular_values(step) and isinstance(optimizer, Muon) and optimizer.built:
             states = _muon_states(optimizer)
-        copies = _copies([_value(v) for v in variables] + [_value(s.momentum) for _, s in states])
+        copies = _copies([_value(v) for v in variables] + [_momentum(s) for _, s in states])
         self._before = (
             {variable_path(v): c for v, c in zip(variables, copies)},
             {variable_path(v): c for (v, _), c in zip(states, copies[len(variables) :])},
@@ -256,7 +257,7 @@ class MuonMonitor(keras.callbacks.Callback):
         reduced = _step_reductions(
             [before[variable_path(v)] for v in variables],
             [_value(v) for v in variables],
-            [_value(s.momentum) for _, s in states],
+            [_momentum(s) for _, s in states],
         )
         update_squares, weight_squares, finite = (ops.convert_to_numpy(x) for x in reduced)
         return update_squares.astype(np.float64), weight_squares.astype(np.float64), finite
@@ -301,7 +302,7 @@ class MuonMonitor(keras.callbacks.Callback):
         by_shape = {}  # one msign call per block shape, as in the update
         for i, b in chosen:
             variable, state = entries[i]
-            after = _value(state.momentum)
+            after = _momentum(state)
             before = momentums.get(variable_path(variable), ops.zeros_like(after))
             direction = statistics.orthogonalized_direction(
                 before, after, optimizer.momentum, optimizer.nesterov
@@ -347,6 +348,13 @@ class QKClipMonitor(MuonMonitor):
             log_dir=log_dir,
             optimizer=optimizer,
         )
+
+
+def _momentum(state):
+    """The momentum of `state` as the update reads it (a bfloat16 or int8
+    one in float32)."""
+    momentum = momentum_storage.read(state)
+    return _value(momentum) if momentum is state.momentum else momentum
 
 
 def _value(variable):

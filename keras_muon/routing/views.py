@@ -142,6 +142,11 @@ class MatrixView:
         """Whether a block has more rows (`d_in`) than columns (`d_out`)."""
         return self.d_in > self.d_out
 
+    @property
+    def wide_shape(self):
+        """The shape of a block in `to_wide_blocks`: `(rows, cols)`, rows <= cols."""
+        return (min(self.d_in, self.d_out), max(self.d_in, self.d_out))
+
     def to_wide_blocks(self, x):
         """`to_blocks(x)` in float32, each block with no more rows than
         columns (tall blocks transposed), so that blocks of transposed

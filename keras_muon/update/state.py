@@ -12,6 +12,7 @@ from keras import ops
 from keras_muon.naming import is_lora_factor
 from keras_muon.naming import state_name
 from keras_muon.naming import variable_path
+from keras_muon.update import momentum_storage
 from keras_muon.update.rule import block_norms
 
 
@@ -34,6 +35,8 @@ class VariableState:
             (`exclude_from_weight_decay`).
         radius: Hyperball's radius of each block, float32
             `(num_blocks,)`, or None without Hyperball.
+        momentum_scales: The float32 scales of an int8 Muon momentum
+            (`update.momentum_storage`), or None.
     """
 
     route: Any  # routing.views.Route
@@ -43,6 +46,14 @@ class VariableState:
     scale: float | None = None
     decays: bool = False
     radius: Any = None
+    momentum_scales: Any = None
+
+    @property
+    def dtype(self):
+        """The dtype the variable's update computes in: its momentum's,
+        float32 for a momentum stored in bfloat16 or int8."""
+        dtype = self.momentum.dtype
+        return "float32" if dtype in ("bfloat16", "int8") else dtype
 
 
 class Entry(NamedTuple):
@@ -63,6 +74,26 @@ def add_moment(optimizer, variable, name):
         return optimizer.add_variable_from_reference(variable, name)
     layout = getattr(variable, "_layout", None)
     return add_float32_state(optimizer, variable, name, variable.shape, layout)
+
+
+def add_muon_momentum(optimizer, variable, momentum_dtype):
+    """Muon's momentum of `variable`, made by `optimizer`, stored in
+    `momentum_dtype` (`update.momentum_storage`): `(momentum, scales)`,
+    `scales` the float32 scale of each int8 block, else None."""
+    if momentum_dtype == "float32":
+        return add_moment(optimizer, variable, "momentum"), None
+    layout = getattr(variable, "_layout", None)
+    name = state_name(variable_path(variable), "momentum")
+    momentum = optimizer.add_variable(
+        shape=variable.shape, dtype=momentum_dtype, name=name, layout=layout
+    )
+    if momentum_dtype != "int8":
+        return momentum, None
+    *rows, length = variable.shape
+    shape = (*rows, length // momentum_storage.block_size(length))
+    if layout is not None:  # the last axis holds the blocks' scales, unsplit
+        layout = keras.distribution.TensorLayout((*layout.axes[:-1], None), layout.device_mesh)
+    return momentum, add_float32_state(optimizer, variable, "momentum_scales", shape, layout)
 
 
 def add_float32_state(optimizer, variable, name, shape, layout=None):

@@ -14,6 +14,7 @@ case also records which blocks each device orthogonalized
 
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -322,7 +323,7 @@ def jax_layouts_case():
     options = dict(optimizer_type=keras_muon.NorMuon, per_head=True, qk_clip_threshold=1.0)
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, HUB["vocabulary_size"], (STEPS * BATCH, SEQUENCE + 1)).astype("int32")
-    result = {}
+    result, fitted = {}, {}
     for name, (build, layout_map, batch_axis) in runs.items():
         keras.utils.set_random_seed(0)
         weights = build().get_weights()
@@ -340,6 +341,7 @@ def jax_layouts_case():
             float(np.max(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b))))
             for a, b in zip(one_device[0].trainable_variables, model.trainable_variables)
         ]
+        fitted[name] = model, optimizer, distribution, weights, data
         result[name] = {
             "max weight difference": max(differences),
             "clipped heads": [one_device[1].clipped_heads(), optimizer.clipped_heads()],
@@ -349,6 +351,10 @@ def jax_layouts_case():
                 if "neuron_second_moment" in v.path and any(v.value.sharding.spec)
             },
         }
+    result["fully sharded, buckets of one block"] = bucketed_difference(
+        *fitted["fully sharded"][1:], options
+    )
+    result["fully sharded, int8 momentum"] = int8_difference(*fitted["fully sharded"][2:])
     keras_muon.register_layer_rule(Experts, experts_rule)
     for name, mesh, table, build in [
         ("experts alone", one_axis, {"experts/kernel": ("model", None, None)}, experts_model),
@@ -375,6 +381,62 @@ def jax_layouts_case():
             if "radius" in v.path
         }
     return result
+
+
+def bucketed_difference(optimizer, distribution, weights, data, options):
+    """One step of fully sharded training from `weights` on the first batch
+    of `data`, with one bucket per block shape and with buckets of one block
+    of the largest shape (as if every variable were whole on each device),
+    updated one after another. Returns the buckets per step, the block
+    shapes, and the largest weight difference between the two."""
+    from keras_muon.update import batching
+
+    muon = [row["matrix_shape"] for row in optimizer.routing_table() if row["route"] == "muon"]
+    cut, counts = batching.buckets, []
+
+    def one_share(entries, placements, budget, split_counts):
+        buckets = cut(entries, placements, budget, [1] * len(entries))
+        counts.append(len(buckets))
+        return buckets
+
+    first_batch = tuple(x[:BATCH] for x in data)
+    one_shot, _ = fit(weights, first_batch, distribution.scope(), **options)
+    batching.buckets = one_share
+    try:
+        largest = max(4 * math.prod(shape) for shape in muon)
+        bucketed, _ = fit(
+            weights, first_batch, distribution.scope(), ns_bucket_bytes=largest, **options
+        )
+    finally:
+        batching.buckets = cut
+    return {
+        "buckets": max(counts),
+        "block shapes": len({tuple(sorted(shape)) for shape in muon}),
+        "max weight difference": max(
+            float(np.max(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b))))
+            for a, b in zip(one_shot.trainable_variables, bucketed.trainable_variables)
+        ),
+    }
+
+
+def int8_difference(distribution, weights, data):
+    """Two steps of Muon with an int8 momentum, fully sharded and on one
+    device: the largest weight difference, and the layouts of the momentum
+    codes and scales of the sharded run."""
+    two_batches = tuple(x[: 2 * BATCH] for x in data)
+    one_device, _ = fit(weights, two_batches, momentum_dtype="int8")
+    model, optimizer = fit(weights, two_batches, distribution.scope(), momentum_dtype="int8")
+    return {
+        "max weight difference": max(
+            float(np.max(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b))))
+            for a, b in zip(one_device.trainable_variables, model.trainable_variables)
+        ),
+        "layouts": {
+            v.path.split("/", 1)[1]: [str(v.dtype), list(v.value.sharding.spec)]
+            for v in optimizer.variables
+            if v.path.endswith(("block0_up_kernel_momentum", "block0_up_kernel_momentum_scales"))
+        },
+    }
 
 
 def clipped_snapshot(weights, data):

@@ -200,6 +200,19 @@ def test_sharded_expert_and_tensor_parallel_layouts(tmp_path):
         None,
     ]
     assert result["radius layout"] == {"experts_kernel_radius": ["model"]}
+    # Buckets of one block, one after another, under the fully sharded
+    # layout: the same update as all blocks of a shape at once.
+    bucketed = result["fully sharded, buckets of one block"]
+    assert bucketed["buckets"] > bucketed["block shapes"], bucketed
+    assert bucketed["max weight difference"] <= 1e-6, bucketed
+    # An int8 momentum: its codes laid out as their variable, its scales
+    # along the rows; the blocks are the same on one device.
+    int8 = result["fully sharded, int8 momentum"]
+    assert int8["layouts"] == {
+        "block0_up_kernel_momentum": ["int8", ["model", None]],
+        "block0_up_kernel_momentum_scales": ["float32", ["model", None]],
+    }, int8
+    assert int8["max weight difference"] <= 1e-4, int8
     # Expert banks laid out whole on their devices are orthogonalized there:
     # no collective at all. Fully sharded: the same collectives whatever
     # the number of Newton–Schulz steps, so none within the iteration.

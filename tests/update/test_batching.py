@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 from keras import ops
 
 import keras_muon
@@ -102,3 +103,80 @@ def test_stack_by_shape_and_unstack_round_trip():
             view = e.state.route.view
             assert tuple(blocks.shape) == (view.num_blocks, view.d_in, view.d_out)
             np.testing.assert_array_equal(ops.convert_to_numpy(view.from_blocks(blocks)), original)
+
+
+def recorded_batches(monkeypatch):
+    """The shapes of the Newton–Schulz batches run from now on."""
+    batches = []
+    newton_schulz = distributed.newton_schulz
+
+    def recording_newton_schulz(x, *args):
+        batches.append(tuple(x.shape))
+        return newton_schulz(x, *args)
+
+    monkeypatch.setattr(distributed, "newton_schulz", recording_newton_schulz)
+    return batches
+
+
+def test_buckets_hold_at_most_the_budget_per_device():
+    entries = [
+        entry((4, 8), "a"),
+        entry((8, 4), "b transposed"),
+        entry((3, 4, 8), "heads"),
+        entry((4, 4), "square"),
+        entry((4, 8), "c"),
+    ]
+    placed = [entry((2, 4, 8), "placed"), entry((2, 4, 8), "placed too")]
+    placements = [None] * 5 + ["model"] * 2
+    block = 4 * 4 * 8  # float32 bytes of a 4×8 block
+    names = [
+        [e.variable for e in bucket]
+        for bucket in batching.buckets([*entries, *placed], placements, 2 * block, [1] * 7)
+    ]
+    # Two 4×8 blocks a bucket; the three heads exceed it, so they go alone;
+    # entries laid out whole over the devices are bucketed apart.
+    assert names == [
+        ["a", "b transposed"],
+        ["heads"],
+        ["c"],
+        ["square"],
+        ["placed"],
+        ["placed too"],
+    ]
+    # Variables split over two devices: each holds half their blocks.
+    names = [
+        [e.variable for e in b] for b in batching.buckets(entries, [None] * 5, 2 * block, [2] * 5)
+    ]
+    assert names == [["a", "b transposed"], ["heads", "c"], ["square"]]
+    # The default budget holds a small model's blocks at once: one bucket.
+    default = batching.buckets([*entries, *placed], placements, None, [1] * 7)
+    assert [[e.variable for e in b] for b in default] == [[e.variable for e in entries + placed]]
+
+
+def test_bucketed_update_equals_one_shot(monkeypatch):
+    keras.utils.set_random_seed(43)
+    model = feed_forward_and_attention_model()
+    weights = model.get_weights()
+    batches = recorded_batches(monkeypatch)
+    one_shot = train_two_steps(model, weights, keras_muon.NorMuon(per_head=True))
+    assert len(batches) == 2 * 2  # a batch per block shape per step
+    del batches[:]
+    # One 16×64 block a bucket: two up projections, two down, each alone.
+    optimizer = keras_muon.NorMuon(per_head=True, ns_bucket_bytes=4 * 16 * 64)
+    bucketed = train_two_steps(model, weights, optimizer)
+    assert sorted(set(batches)) == [(1, 16, 64), (8, 8, 16)]
+    assert len(batches) == 2 * 5
+    for a, b, v in zip(one_shot, bucketed, model.trainable_variables):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=v.path)
+
+
+def test_a_bucket_smaller_than_a_block_is_refused():
+    model = feed_forward_and_attention_model()
+    optimizer = keras_muon.Muon(ns_bucket_bytes=4 * 16 * 64 - 1)
+    optimizer.attach(model)
+    with pytest.raises(ValueError, match=r"smaller than one Muon block of up1/kernel, 16×64"):
+        optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="ns_bucket_bytes"):
+        keras_muon.Muon(ns_bucket_bytes=0)
+    config = keras_muon.Muon(ns_bucket_bytes=2**20).get_config()
+    assert keras_muon.Muon.from_config(config).ns_bucket_bytes == 2**20
