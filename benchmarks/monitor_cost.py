@@ -47,6 +47,12 @@ class TimedMonitor(keras_muon.MuonMonitor):
     seconds = 0.0
 
     def _timed(self, hook, *args):
+        if self._pending is not None or self._measures(self._step):
+            # The hook copies or measures, so it waits for the steps still
+            # running (JAX's run asynchronously, several steps ahead): wait
+            # before the clock starts, so that it counts the monitor's own
+            # work, not the training's.
+            _wait_for_steps(self.model)
         start = time.perf_counter()
         hook(*args)
         self.seconds += time.perf_counter() - start
@@ -59,6 +65,15 @@ class TimedMonitor(keras_muon.MuonMonitor):
 
     def on_train_end(self, logs=None):
         self._timed(super().on_train_end, logs)
+
+
+def _wait_for_steps(model):
+    # JAX's `fit` keeps the training state in `_jax_state` for callbacks.
+    state = getattr(model, "_jax_state", None)
+    if state is not None:
+        import jax
+
+        jax.block_until_ready(state)
 
 
 # setting: the monitor's arguments, or None for no monitor

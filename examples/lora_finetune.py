@@ -184,13 +184,25 @@ def main(argv=None):
         metavar="N",
         help="only the first N learning rates of each grid (default all)",
     )
+    parser.add_argument(
+        "--peaks",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="one peak learning rate per way, in the order of --ways, instead of "
+        "each way's grid (to repeat the best of a grid over seeds)",
+    )
     args = parser.parse_args(argv)
+    if args.peaks is not None and len(args.peaks) != len(args.ways):
+        parser.error(f"--peaks needs one learning rate per way ({len(args.ways)})")
     weights, pretraining_validation = pretrained_weights(args)
     data = fine_tune_data(args)
     runs, rows = {}, []
-    for way in args.ways:
+    for i, way in enumerate(args.ways):
         best = None
-        for peak in WAYS[way][3][: args.learning_rates]:
+        grid = WAYS[way][3][: args.learning_rates] if args.peaks is None else [args.peaks[i]]
+        for peak in grid:
             curves = fine_tune(args, way, peak, weights, data, pretraining_validation)
             print(
                 f"{way:14s} peak lr {peak:<7g} validation loss {curves['val_loss'][-1]:.4f}, "

@@ -30,6 +30,7 @@ import msign_accuracy  # noqa: E402
 import muonclip  # noqa: E402
 import quality  # noqa: E402
 import routing_survey  # noqa: E402
+import seeds  # noqa: E402
 import spread  # noqa: E402
 import step_time  # noqa: E402
 
@@ -707,3 +708,51 @@ def test_quality_benchmark_over_seeds(tmp_path, capsys):
     assert rows[names[0]]["vs AdamW"].split(" (")[0] in ("better", "worse", "within noise")
     assert rows[names[1]]["steps to AdamW's mean"].endswith("/3)")
     assert "over seeds 4–6" in capsys.readouterr().out
+
+
+def test_seeds_summarize_each_number_over_the_seeds():
+    per_seed = [
+        [{"optimizer": "a", "validation loss": loss}, {"optimizer": "b", "validation loss": other}]
+        for loss, other in [(1.0, 2.0), (1.1, 2.1), (1.2, 2.2)]
+    ]
+    rows = seeds.summary(per_seed, {"validation loss": True})
+    assert rows[0] == {
+        "optimizer": "a",
+        "validation loss": "1.1000 ± 0.1000",
+        "validation loss vs a": "",
+    }
+    assert rows[1]["validation loss"] == "2.1000 ± 0.1000"
+    assert rows[1]["validation loss vs a"].startswith("worse (p=")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="seed handling is backend-free")
+def test_seeds_runs_an_example_once_per_seed(tmp_path, capsys):
+    flags = [
+        *TINY_TRANSFORMER,
+        "--optimizer",
+        "keras_muon.Muon",
+        "--optimizer",
+        "keras.optimizers.AdamW",
+    ]
+    rows = seeds.main(
+        ["char_transformer", "--seeds", "2", "--summary-output", str(tmp_path), *flags]
+    )
+    assert [row["optimizer"] for row in rows] == ["keras_muon.Muon", "keras.optimizers.AdamW"]
+    # Two different seeds: a spread, and a verdict of AdamW against Muon.
+    assert " ± " in rows[0]["validation loss"]
+    assert "validation loss vs keras_muon.Muon" in rows[1]
+    assert "over 2 seeds (0 to 1)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "char_transformer_seeds.json").read_text())
+    assert len(saved["per seed"]) == 2 and saved["rows"] == rows
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="argument handling is backend-free")
+def test_lora_finetune_runs_each_way_at_its_given_peak(tmp_path):
+    ways = ["--ways", "full AdamW", "LoRA + Muon", "--peaks", "0.002", "0.02"]
+    rows = lora_finetune.main([*TINY_FINE_TUNING, *ways, "--output", str(tmp_path)])
+    assert [(row["way"], row["best peak lr"]) for row in rows] == [
+        ("full AdamW", 0.002),
+        ("LoRA + Muon", 0.02),
+    ]
+    with pytest.raises(SystemExit):
+        lora_finetune.main([*TINY_FINE_TUNING, "--peaks", "0.01", "--output", str(tmp_path)])
