@@ -158,39 +158,35 @@ def fully_sharded(mesh, axis):
 
 
 def _llama(depth):
-    def build():
-        import keras_hub
-
-        return _causal_lm(
-            keras_hub.models.LlamaBackbone(
-                vocabulary_size=LLAMA_VOCABULARY,
-                num_layers=depth,
-                num_query_heads=HEADS,
-                num_key_value_heads=KV_HEADS,
-                hidden_dim=WIDTH,
-                intermediate_dim=FEED_FORWARD,
-            )
-        )
-
-    return build
+    return _decoder("LlamaBackbone", depth, vocabulary_size=LLAMA_VOCABULARY)
 
 
 def _mixtral(depth):
+    return _decoder(
+        "MixtralBackbone",
+        depth,
+        vocabulary_size=MIXTRAL_VOCABULARY,
+        num_experts=EXPERTS,
+        top_k=2,
+    )
+
+
+def _decoder(backbone_name, depth, **config):
+    """A function that builds keras-hub's `backbone_name` at Llama-3-8B
+    width and `depth` layers, with `config`, as a causal LM."""
+
     def build():
         import keras_hub
 
-        return _causal_lm(
-            keras_hub.models.MixtralBackbone(
-                vocabulary_size=MIXTRAL_VOCABULARY,
-                num_layers=depth,
-                num_query_heads=HEADS,
-                num_key_value_heads=KV_HEADS,
-                hidden_dim=WIDTH,
-                intermediate_dim=FEED_FORWARD,
-                num_experts=EXPERTS,
-                top_k=2,
-            )
+        backbone = getattr(keras_hub.models, backbone_name)(
+            num_layers=depth,
+            num_query_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            hidden_dim=WIDTH,
+            intermediate_dim=FEED_FORWARD,
+            **config,
         )
+        return _causal_lm(backbone)
 
     return build
 

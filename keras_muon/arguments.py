@@ -134,13 +134,13 @@ ARGUMENTS = {
     must train a copy of the same model. `False`: every device
     orthogonalizes every block. Defaults to `True`.""",
     "ns_bucket_bytes": """Integer >= 1 or `None`: the most bytes of
-    float32 blocks each device orthogonalizes at once. The Muon variables
-    are updated in buckets of blocks of one shape, one bucket after the
-    other, so the update's scratch memory stays that of one bucket however
-    large the model (docs/distributed.md); a variable is never cut. It
-    must hold the largest block. Defaults to `None`: 128 MiB, or the
-    largest block where that is larger, which leaves a small model's blocks
-    of one shape in one batch.""",
+    float32 blocks each device holds for Newton–Schulz at once (a variable
+    split over N devices counts 1/N of its blocks). The Muon variables are
+    updated in buckets of blocks of one shape, one bucket after the other,
+    so the update's scratch memory stays that of one bucket however large
+    the model (docs/distributed.md); a variable is never cut. It must hold
+    the largest block. Defaults to `None`: 128 MiB, or the largest block
+    where that is larger, which leaves a small model in one bucket.""",
     "momentum_dtype": """`"float32"`, `"bfloat16"` or `"int8"`: how Muon's
     momentum is stored between steps. `"int8"` keeps blocks of up to 2048
     elements along its last axis as int8 codes with one float32 scale each,

@@ -12,7 +12,7 @@ A batch's iteration holds a few copies of its blocks at once, so the Muon
 variables are first cut into buckets (`buckets`) of at most
 `ns_bucket_bytes` of blocks per device, updated one after the other
 (`in_order`): the update's scratch memory is that of one bucket, whatever
-the size of the model. A small model has one bucket per block shape.
+the size of the model. A small model's Muon variables are one bucket.
 """
 
 import itertools

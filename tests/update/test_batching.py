@@ -34,7 +34,8 @@ def train_two_steps(model, weights, optimizer):
     return [ops.convert_to_numpy(v) for v in model.trainable_variables]
 
 
-def test_one_newton_schulz_batch_per_block_shape(monkeypatch):
+def recorded_batches(monkeypatch):
+    """The shapes of the Newton–Schulz batches run from now on."""
     batches = []
     newton_schulz = distributed.newton_schulz
 
@@ -43,6 +44,11 @@ def test_one_newton_schulz_batch_per_block_shape(monkeypatch):
         return newton_schulz(x, *args)
 
     monkeypatch.setattr(distributed, "newton_schulz", recording_newton_schulz)
+    return batches
+
+
+def test_one_newton_schulz_batch_per_block_shape(monkeypatch):
+    batches = recorded_batches(monkeypatch)
     keras.utils.set_random_seed(41)
     model = feed_forward_and_attention_model()
     train_two_steps(model, model.get_weights(), keras_muon.Muon())
@@ -103,19 +109,6 @@ def test_stack_by_shape_and_unstack_round_trip():
             view = e.state.route.view
             assert tuple(blocks.shape) == (view.num_blocks, view.d_in, view.d_out)
             np.testing.assert_array_equal(ops.convert_to_numpy(view.from_blocks(blocks)), original)
-
-
-def recorded_batches(monkeypatch):
-    """The shapes of the Newton–Schulz batches run from now on."""
-    batches = []
-    newton_schulz = distributed.newton_schulz
-
-    def recording_newton_schulz(x, *args):
-        batches.append(tuple(x.shape))
-        return newton_schulz(x, *args)
-
-    monkeypatch.setattr(distributed, "newton_schulz", recording_newton_schulz)
-    return batches
 
 
 def test_buckets_hold_at_most_the_budget_per_device():
