@@ -7,10 +7,13 @@ variables, Muon blocks, output-head variables and guessed heads. Backbones
 trained alone are surveyed beside the same backbone under a classifier
 head, and the variables routed differently are listed. With `--save FILE`
 the routes are written to JSON; with `--compare FILE` the routes that
-differ from a saved run are counted and listed per model.
+differ from a saved run are counted and listed per model. With `--fused`,
+each fused projection of keras-hub (`fused_layers.py`) is routed whole (as
+without its declaration), by parts and by parts and heads.
 
 Usage:
     python benchmarks/routing_survey.py [--save routes.json] [--compare old.json]
+    python benchmarks/routing_survey.py --models --fused  # the fused projections alone
 """
 
 import argparse
@@ -20,7 +23,12 @@ import warnings
 
 import keras
 
+import fused_layers
 import keras_muon
+from keras_muon import report
+from keras_muon.registry import installed_classes
+from keras_muon.routing.fused import FUSED_PROJECTIONS
+from keras_muon.routing.keras_hub import FUSED
 
 LM = dict(vocabulary_size=64, num_layers=1, hidden_dim=16)
 DECODER = dict(LM, num_query_heads=2, num_key_value_heads=1)
@@ -283,6 +291,63 @@ def survey(names):
     return results
 
 
+def fused_survey(rows):
+    """Per row of `fused_layers.ROWS`: its description, and per fused kernel
+    its shape and routing-table rows read whole (no fused declarations), by
+    parts, and by parts and heads (`per_head=True`)."""
+
+    def routes(model, kernels, per_head):
+        optimizer = keras_muon.Muon(per_head=per_head)
+        optimizer.attach(model)
+        optimizer.build(model.trainable_variables)
+        table = dict(zip(map(id, model.trainable_variables), optimizer.routing_table()))
+        return [table[id(kernel)] for kernel in kernels]
+
+    results = {}
+    for row in rows:
+        description, build = fused_layers.ROWS[row]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Flux's blocks define no build()
+            model, kernels = build()
+            with FUSED_PROJECTIONS.scoped():  # each declared whole, as users can
+                for layer_type, attributes in installed_classes(FUSED).items():
+                    for attribute in attributes:
+                        keras_muon.register_fused_projection(layer_type, attribute, lambda _: None)
+                whole = routes(model, kernels, per_head=False)
+            parts = routes(model, kernels, per_head=False)
+            heads = routes(model, kernels, per_head=True)
+        shapes = [tuple(kernel.shape) for kernel in kernels]
+        results[row] = (description, list(zip(shapes, whole, parts, heads)))
+    return results
+
+
+def print_fused(results):
+    """A markdown table of `fused_survey`: a kernel's matrices as
+    `d_in×d_out ×blocks`, and its parts' names (`q|k|v 16×16 ×3`)."""
+
+    def cell(values):
+        return "; ".join(dict.fromkeys(str(v) for v in values)).replace("|", "\\|")
+
+    def matrices(route):
+        return report.matrices(route) if route["route"] == "muon" else route["reason"]
+
+    header = ("row", "layer", "kernel shape", "whole (before)", "parts", "parts × heads")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row, (description, kernels) in results.items():
+        shapes, whole, parts, heads = zip(*kernels)
+        columns = [shapes, map(matrices, whole), map(matrices, parts), map(matrices, heads)]
+        print(f"| {row} | {description} | " + " | ".join(map(cell, columns)) + " |")
+    by_parts, by_heads = (
+        sum(all(kernel[column]["parts"] for kernel in kernels) for _, kernels in results.values())
+        for column in (2, 3)
+    )
+    print(
+        f"\nfused kinds read as parts: {by_parts}/{len(results)} "
+        f"(per_head=True: {by_heads}/{len(results)})"
+    )
+
+
 def summary_row(name, rows):
     muon = [r for r in rows if r[1] == "muon"]
     return (
@@ -314,13 +379,25 @@ def main(argv=None):
     parser.add_argument("--compare", help="a JSON file written by --save")
     backbones = [name + suffix for name in BACKBONES for suffix in ("", HEAD)]
     backbones.remove("SigLIPBackbone" + HEAD)
-    parser.add_argument("--models", nargs="*", default=[*KERAS_HUB, *backbones, *APPLICATIONS])
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=[*KERAS_HUB, *backbones, *APPLICATIONS],
+        help="the models to survey (none: `--models` alone)",
+    )
+    parser.add_argument(
+        "--fused",
+        nargs="*",
+        choices=list(fused_layers.ROWS),
+        help="survey these rows of the fused projections (all: `--fused` alone)",
+    )
     args = parser.parse_args(argv)
     # Through JSON, as a saved run is read back (tuples become lists).
     results = json.loads(json.dumps(survey(args.models)))
-    header = ("model", "variables", "muon", "muon blocks", "head variables", "guessed")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    if results:
+        header = ("model", "variables", "muon", "muon blocks", "head variables", "guessed")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
     for name, rows in results.items():
         print("| " + " | ".join(str(cell) for cell in summary_row(name, rows)) + " |")
     alone_and_under_a_head = [
@@ -351,6 +428,10 @@ def main(argv=None):
                     f"  {after[0]}: {before[1]} {before[2]}×{before[3]} -> "
                     f"{after[1]} {after[2]}×{after[3]} ({after[4]})"
                 )
+    if args.fused is not None:
+        if results:
+            print()
+        print_fused(fused_survey(args.fused or fused_layers.ROWS))
     return results
 
 

@@ -22,6 +22,7 @@ of the rest, weight RMS, Newton–Schulz's singular values) go to
 """
 
 import keras
+from keras import ops
 
 import common
 import keras_muon
@@ -41,18 +42,80 @@ class PositionEmbedding(keras.layers.Layer):
         return x + self.embeddings
 
 
-def char_transformer(sequence_length=64, width=128, depth=2, heads=4):
-    """A pre-norm decoder-only transformer over bytes, returning logits."""
+class FusedAttention(keras.layers.Layer):
+    """Causal self-attention whose query, key and value come from one
+    `Dense(3·width)` kernel, `[q | k | v]` with the heads of each
+    consecutive (as in Swin, SAM or SD3)."""
+
+    def __init__(self, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = heads
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        self.qkv = keras.layers.Dense(3 * width, name="qkv")
+        self.qkv.build(input_shape)
+        self.out = keras.layers.Dense(width, name="out")
+        self.out.build(input_shape)
+
+    def call(self, x):
+        length, width = x.shape[1], x.shape[2]
+        qkv = ops.reshape(self.qkv(x), (-1, length, 3, self.heads, width // self.heads))
+        q, k, v = (qkv[:, :, i] for i in range(3))
+        attended = ops.dot_product_attention(q, k, v, is_causal=True)
+        return self.out(ops.reshape(attended, (-1, length, width)))
+
+
+class FusedSwiGLU(keras.layers.Layer):
+    """`down(silu(gate)·up)`, gate and up from one `Dense(2·hidden)`
+    kernel, `[gate | up]` (as in DINOv2's SwiGLU)."""
+
+    def __init__(self, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = hidden
+
+    def build(self, input_shape):
+        self.gate_up = keras.layers.Dense(2 * self.hidden, name="gate_up")
+        self.gate_up.build(input_shape)
+        self.down = keras.layers.Dense(input_shape[-1], name="down")
+        self.down.build((*input_shape[:-1], self.hidden))
+
+    def call(self, x):
+        h = self.gate_up(x)
+        return self.down(ops.silu(h[..., : self.hidden]) * h[..., self.hidden :])
+
+
+def declare_fused_projections():
+    """Tells keras_muon the parts of the fused kernels above, so that it
+    orthogonalizes q, k, v, gate and up each on its own."""
+    keras_muon.register_fused_projection(
+        FusedAttention, "qkv", lambda layer: keras_muon.FusedLayout.equal("qkv", layer.heads)
+    )
+    keras_muon.register_fused_projection(
+        FusedSwiGLU, "gate_up", lambda layer: keras_muon.FusedLayout.equal(("gate", "up"))
+    )
+
+
+def char_transformer(sequence_length=64, width=128, depth=2, heads=4, fused=False):
+    """A pre-norm decoder-only transformer over bytes, returning logits;
+    with `fused`, its attention and feed-forward layers compute with fused
+    kernels (`FusedAttention`, `FusedSwiGLU` of about the same size)."""
     tokens = keras.Input((sequence_length,), dtype="int32")
     x = keras.layers.Embedding(VOCABULARY, width, name="token_embedding")(tokens)
     x = PositionEmbedding(name="position_embedding")(x)
     for i in range(depth):
         h = keras.layers.LayerNormalization(name=f"block{i}_norm1")(x)
-        h = keras.layers.MultiHeadAttention(heads, width // heads, name=f"block{i}_attention")(
-            h, h, use_causal_mask=True
-        )
+        if fused:
+            h = FusedAttention(heads, name=f"block{i}_attention")(h)
+        else:
+            h = keras.layers.MultiHeadAttention(heads, width // heads, name=f"block{i}_attention")(
+                h, h, use_causal_mask=True
+            )
         x = x + h
         h = keras.layers.LayerNormalization(name=f"block{i}_norm2")(x)
+        if fused:
+            x = x + FusedSwiGLU(8 * width // 3, name=f"block{i}_swiglu")(h)
+            continue
         h = keras.layers.Dense(4 * width, activation="gelu", name=f"block{i}_up")(h)
         x = x + keras.layers.Dense(width, name=f"block{i}_down")(h)
     x = keras.layers.LayerNormalization(name="final_norm")(x)
@@ -69,7 +132,12 @@ def text_data(args):
 
 
 def model_builder(args):
-    return lambda: char_transformer(args.sequence_length, args.width, args.depth, args.heads)
+    fused = getattr(args, "fused", None)
+    if fused == "parts":
+        declare_fused_projections()
+    return lambda: char_transformer(
+        args.sequence_length, args.width, args.depth, args.heads, fused=bool(fused)
+    )
 
 
 def initial_weights(args):

@@ -281,6 +281,12 @@ def add_text_model_flags(parser):
     )
     parser.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
     parser.add_argument(
+        "--fused",
+        choices=("whole", "parts"),
+        help="fused q|k|v and gate|up kernels, orthogonalized whole or as their parts "
+        "(default: separate projections)",
+    )
+    parser.add_argument(
         "--eval-every",
         type=positive_int,
         default=None,

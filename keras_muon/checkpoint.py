@@ -192,7 +192,26 @@ def _assign(optimizer, saved):
             "(one accumulator per trained variable; here "
             f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}) "
             "and `momentum_dtype` (int8 keeps scales beside each Muon momentum; "
-            f"here momentum_dtype={optimizer.momentum_dtype!r}). " + SWITCHING
+            f"here momentum_dtype={optimizer.momentum_dtype!r}); and the routes "
+            "of fused projections, whose NorMuon and AdaMuon state is kept per "
+            "part (docs/routing.md). " + SWITCHING
+        )
+    differing = [
+        (variable_path(variable), tuple(value.shape), tuple(variable.shape))
+        for variable, value in zip(variables, values)
+        if tuple(value.shape) != tuple(variable.shape)
+    ]
+    if differing:
+        path, saved_shape, shape = differing[0]
+        raise ValueError(
+            f"Cannot load this optimizer state into {optimizer.name!r}: "
+            f"{len(differing)} of its variables have other shapes, e.g. {path} "
+            f"{saved_shape} in the checkpoint and {shape} here. Muon reads their "
+            "weights as other blocks than when it was saved: load with the "
+            "options it was saved with (`per_head`), or, for a checkpoint saved "
+            "before keras_muon read fused projections as their parts, declare "
+            "them whole: `keras_muon.register_fused_projection(LayerType, "
+            "attribute, lambda layer: None)` (docs/routing.md)."
         )
     for variable, value in zip(variables, values):
         variable.assign(value)

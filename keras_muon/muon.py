@@ -18,6 +18,7 @@ from keras_muon.routing import route
 from keras_muon.routing.views import Route
 from keras_muon.update import batching
 from keras_muon.update import momentum_storage
+from keras_muon.update import parts
 from keras_muon.update import rule
 from keras_muon.update.momentum_storage import checked_momentum_dtype
 from keras_muon.update.newton_schulz import checked_dtype
@@ -186,7 +187,7 @@ class Muon(keras.optimizers.Optimizer):
             momentum, velocity = (add_moment(self, variable, n) for n in ("momentum", "velocity"))
             return VariableState(route, momentum, velocity, decays=decays)
         momentum, scales = add_muon_momentum(self, variable, self.momentum_dtype)
-        state, scale = self._add_variant_state(variable, route.view), self._block_scale(route.view)
+        state, scale = parts.variant_state_and_scale(self, variable, route)
         radius = add_radius(self, variable, route.view) if self.hyperball else None
         return VariableState(route, momentum, None, state, scale, decays, radius, scales)
 
@@ -288,23 +289,21 @@ class Muon(keras.optimizers.Optimizer):
     @_torch_twin
     def _muon_update(self, batches, orthogonal, learning_rate):
         """`W ← W − lr·(s·O + λ·W)` per Muon variable, `O` as `_normalized`."""
-        for batch, stacked in zip(batches, orthogonal):
-            for entry, blocks in batching.unstack(batch, stacked):
-                variable, _, state = entry
-                dtype, lr = state.dtype, ops.cast(learning_rate, state.dtype)
-                view, blocks = state.route.view, ops.cast(self._normalized(entry, blocks), dtype)
-                weights = ops.cast(variable, dtype)
-                if state.radius is not None:  # normalized: the scale `s` drops out
-                    blocks, radius = rule.hyperball(
-                        view.to_blocks(weights), blocks, state.radius, lr
-                    )
-                    self.assign(state.radius, radius)
-                    new_value = view.from_blocks(blocks)
-                else:
-                    update = view.from_blocks(blocks)
-                    weights = self._decayed(state, weights, update, lr, self.weight_decay)
-                    new_value = rule.descended(weights, update, lr * state.scale)
-                self.assign(variable, ops.cast(new_value, variable.dtype))
+        for entry, blocks in batching.by_variable(batches, orthogonal):  # a list per part
+            variable, _, state = entry
+            dtype, lr = state.dtype, ops.cast(learning_rate, state.dtype)
+            blocks = [
+                ops.cast(self._normalized(e, b), dtype) for e, b in parts.entries(entry, blocks)
+            ]
+            weights = ops.cast(variable, dtype)
+            if state.radius is not None:  # normalized: the scale `s` drops out
+                new_value, radius = parts.hyperball(state, weights, blocks, lr)
+                self.assign(state.radius, radius)
+            else:
+                update, scale = parts.update(state, blocks)
+                weights = self._decayed(state, weights, update, lr, self.weight_decay)
+                new_value = rule.descended(weights, update, lr * scale)
+            self.assign(variable, ops.cast(new_value, variable.dtype))
 
     def _clip_attention(self):
         if self._qk_clip is not None:
@@ -325,7 +324,8 @@ class Muon(keras.optimizers.Optimizer):
     def routing_table(self):
         """How each trainable variable is optimized, a dict per variable:
         `path`, `shape`, `route` (`"muon"` or `"adamw"`), `reason`; for Muon
-        `matrix_shape` (`(d_in, d_out)`), `num_blocks`, `scale` (`s`)."""
+        `matrix_shape` (`(d_in, d_out)`), `num_blocks`, `scale` (`s`; per
+        part where parts differ), `parts` (a fused kernel's matrices)."""
         return report.routing_table(self)
 
     def summary(self, print_fn=None):

@@ -1,6 +1,31 @@
 """Names of variables: in the routing table, in the optimizer's state,
 and the names that say what a variable is."""
 
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableSection:
+    """A section of a variable that holds several matrices (a fused `[q |
+    k | v | mlp_in]` kernel), named as a variable so that the state made
+    for it is named after its part: `path` is the variable's, `_part`
+    added. `_layout` is the variable's under `keras.distribution` where the
+    sectioned axis is not split over devices, else None (replicated)."""
+
+    path: str
+    name: str
+    shape: tuple
+    dtype: str
+    _layout: object = None
+
+    @classmethod
+    def of(cls, variable, part, shape, axis):
+        layout = getattr(variable, "_layout", None)
+        if layout is not None and layout.axes[axis] is not None:
+            layout = None
+        path = f"{variable_path(variable)}_{part}"
+        return cls(path, variable.name, tuple(shape), variable.dtype, layout)
+
 
 def variable_path(variable):
     """The path of a Keras variable, or the name of a backend variable

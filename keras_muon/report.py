@@ -20,11 +20,9 @@ def routing_summary(name, rows):
     for row in rows:
         matrix = scale = ""
         if row["route"] == "muon":
-            d_in, d_out = row["matrix_shape"]
-            matrix = f"{d_in}×{d_out}"
-            if row["num_blocks"] > 1:
-                matrix += f" ×{row['num_blocks']}"
-            scale = f"{row['scale']:.3g}"
+            matrix = matrices(row)
+            scales = row["scale"] if isinstance(row["scale"], tuple) else (row["scale"],)
+            scale = ", ".join(dict.fromkeys(f"{s:.3g}" for s in scales))
         lines.append((row["path"], str(row["shape"]), row["route"], matrix, scale, row["reason"]))
     text = format_table(lines)
     rule = "─" * len(max(text, key=len))
@@ -39,6 +37,22 @@ def routing_summary(name, rows):
     return "\n".join([f'Optimizer "{name}" routing', rule, text[0], rule, *text[1:], rule, totals])
 
 
+def matrices(row):
+    """The "Matrix × blocks" cell: `d_in×d_out ×blocks`, and for a fused
+    kernel its parts, those of one shape together (`q|k|v 16×16 ×3`)."""
+    parts = row["parts"] or ((None, row["matrix_shape"], row["num_blocks"]),)
+    cells = {}
+    for name, shape, blocks in parts:
+        names, count = cells.get(tuple(shape), ([], 0))
+        cells[tuple(shape)] = (names + [name] if name else names, count + blocks)
+    return ", ".join(
+        " ".join(
+            filter(None, ["|".join(names), f"{d_in}×{d_out}", f"×{count}" if count > 1 else ""])
+        )
+        for (d_in, d_out), (names, count) in cells.items()
+    )
+
+
 def routing_row(path, shape, state):
     """One row of `Muon.routing_table()`: the variable at `path`, of
     `shape`, and its `VariableState`."""
@@ -48,10 +62,21 @@ def routing_row(path, shape, state):
         "shape": tuple(shape),
         "route": state.route.name,
         "reason": state.route.reason,
-        "matrix_shape": view.matrix_shape if view else None,
+        "matrix_shape": _matrix_shape(state.route),
         "num_blocks": view.num_blocks if view else None,
         "scale": state.scale,
+        "parts": state.route.parts,
     }
+
+
+def _matrix_shape(route):
+    """`(d_in, d_out)` of the blocks of `route`; of its largest part where
+    its parts differ; None for AdamW."""
+    if route.view is None:
+        return None
+    if not route.parts:
+        return route.view.matrix_shape
+    return max((shape for _, shape, _ in route.parts), key=lambda s: s[0] * s[1])
 
 
 def routing_table(optimizer):

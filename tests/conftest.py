@@ -3,6 +3,7 @@
 import keras
 import pytest
 
+from keras_muon.routing.fused import FUSED_PROJECTIONS
 from keras_muon.routing.keras_layers import MATRIX_RULES
 
 
@@ -15,6 +16,6 @@ def dtype_policy():
 
 @pytest.fixture
 def isolated_rules():
-    """Undoes the routing rules a test registers."""
-    with MATRIX_RULES.scoped():
+    """Undoes the routing rules and fused projections a test registers."""
+    with MATRIX_RULES.scoped(), FUSED_PROJECTIONS.scoped():
         yield

@@ -249,6 +249,26 @@ def test_options_that_add_variables_must_match_and_are_named(
     assert named in str(error.value)
 
 
+def test_state_of_other_block_shapes_is_refused_before_anything_is_assigned(tmp_path):
+    # NorMuon keeps a second moment per block: per head, other shapes.
+    def built(per_head):
+        keras.utils.set_random_seed(0)
+        model = attention_model()
+        optimizer = keras_muon.NorMuon(per_head=per_head)
+        model.compile(optimizer=optimizer, loss=LOSS)
+        optimizer.build(model.trainable_variables)
+        return model, optimizer
+
+    built(False)[0].save_weights(tmp_path / "m.weights.h5")
+    model, optimizer = built(True)
+    before = [ops.convert_to_numpy(v) for v in optimizer.variables]
+    with pytest.raises(ValueError, match="other shapes, e.g. .*neuron_second_moment") as error:
+        model.load_weights(tmp_path / "m.weights.h5")
+    assert "per_head" in str(error.value) and "register_fused_projection" in str(error.value)
+    for old, variable in zip(before, optimizer.variables):
+        np.testing.assert_array_equal(ops.convert_to_numpy(variable), old)
+
+
 @pytest.mark.parametrize(
     "saved_threshold, loading_threshold, cause",
     [(None, 1.0, "saved without QK-Clip"), (1.0, None, "saved with QK-Clip")],

@@ -71,6 +71,19 @@ def test_char_transformer(tmp_path):
         assert len(curves["val_loss"]) == 3 and curves["loss"][0] is None
 
 
+def test_char_transformer_with_fused_kernels_reads_them_as_parts(isolated_rules):
+    args = char_transformer.common.argument_parser("", steps=4)
+    char_transformer.common.add_text_model_flags(args)
+    args = args.parse_args(["--width", "16", "--heads", "2", "--fused", "parts"])
+    model = char_transformer.model_builder(args)()
+    optimizer = keras_muon.Muon(per_head=True)
+    optimizer.attach(model)
+    optimizer.build(model.trainable_variables)
+    parts = {row["path"]: row["parts"] for row in optimizer.routing_table() if row["parts"]}
+    assert parts["block0_attention/qkv/kernel"] == tuple((n, (16, 8), 2) for n in "qkv")
+    assert parts["block0_swiglu/gate_up/kernel"] == (("gate", (16, 42), 1), ("up", (16, 42), 1))
+
+
 def test_char_transformer_draws_the_monitors_curves(tmp_path):
     char_transformer.main([*TINY_TRANSFORMER, "--monitor", "2", "--output", str(tmp_path)])
     assert (tmp_path / "char_transformer_monitor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -561,6 +574,22 @@ def test_routing_survey_of_a_backbone_alone(capsys):
         "routes that differ from the same backbone under a head\nViTBackbone: 0"
         in capsys.readouterr().out
     )
+
+
+def test_routing_survey_of_fused_projections(capsys):
+    # `--models` alone surveys no model: the fused projections' table only.
+    routing_survey.main(["--models", "--fused", "A1", "A8", "F1"])
+    out = capsys.readouterr().out
+    assert out.startswith("| row | layer | kernel shape |")
+    # Whole before the declarations, by parts, by parts and heads: Qwen3.5's
+    # v is twice as wide as q and k; Flux's linear2 is fused on its inputs.
+    assert r"| (16, 48) | 16×48 | q\|k\|v 16×16 ×3 | q\|k\|v 16×8 ×6 |" in out
+    assert r"| (16, 64) | 16×64 | q\|k 16×16 ×2, v 16×32 | q\|k\|v 16×8 ×8 |" in out
+    assert (
+        "| (48, 16) | 48×16 | attention 16×16, mlp_out 32×16 | attention 8×16 ×2, mlp_out 32×16 |"
+        in out
+    )
+    assert out.endswith("fused kinds read as parts: 3/3 (per_head=True: 3/3)\n")
 
 
 @pytest.mark.skipif(

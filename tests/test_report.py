@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_muon
+from keras_muon import report
 from keras_muon.report import format_table
 from tests.helpers import table_for
 from tests.routing.test_route import MISLEADING_NAMES
@@ -27,6 +28,7 @@ def test_routing_table_rows():
         "matrix_shape": (16, 32),
         "num_blocks": 1,
         "scale": pytest.approx(0.2 * np.sqrt(32)),
+        "parts": (),
     }
 
 
@@ -73,3 +75,18 @@ def test_the_readme_shows_what_summary_prints():
     shown = re.search(r"```\n(Optimizer \"muon\" routing\n.*?)\n```", README.read_text(), re.S)
     assert shown is not None
     assert printed[0] == shown.group(1)
+
+
+def test_a_fused_kernel_is_shown_as_its_parts():
+    row = {
+        "route": "muon",
+        "path": "block/linear1/kernel",
+        "shape": (8, 36),
+        "reason": "Dense kernel, fused [q|k|v|mlp_in] per head",
+        "matrix_shape": (8, 12),
+        "num_blocks": 7,
+        "scale": (0.2 * np.sqrt(8), 0.2 * np.sqrt(12)),
+        "parts": (("q", (8, 4), 2), ("k", (8, 4), 2), ("v", (8, 4), 2), ("mlp_in", (8, 12), 1)),
+    }
+    text = report.routing_summary("muon", [row])
+    assert "q|k|v 8×4 ×6, mlp_in 8×12  0.566, 0.693  Dense kernel" in text

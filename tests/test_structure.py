@@ -25,9 +25,11 @@ LAYERS = [
     "update.momentum_storage",
     "update.state",
     "update.batching",
+    "update.parts",
     # Which variables are matrices, and how they are read.
     "routing.views",
     "routing.keras_layers",
+    "routing.fused",
     "routing.keras_hub",
     "routing.heads",
     "routing.route",

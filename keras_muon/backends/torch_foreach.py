@@ -17,12 +17,14 @@ variants' hooks are shared with the generic phases. The phases read the
 optimizer's hyperparameters, the `Entry`s they are given and its hooks.
 """
 
+import dataclasses
+
 import torch
 from keras import ops
 
 from keras_muon.update import batching
 from keras_muon.update import momentum_storage
-from keras_muon.update import rule
+from keras_muon.update import parts
 
 # The formulas: twins of those of update/rule.py.
 
@@ -128,22 +130,24 @@ def momentum_update(optimizer, entries):
 def muon_update(optimizer, batches, orthogonal, learning_rate):
     """`Muon._muon_update`."""
     learning_rate = ops.convert_to_tensor(learning_rate)
-    entries, updates = [], {}
-    for batch, stacked in zip(batches, orthogonal):
-        for entry, blocks in batching.unstack(batch, stacked):
-            blocks = _as(optimizer._normalized(entry, blocks), _state_dtype(entry))
-            if entry.state.radius is not None:
-                _hyperball(entry, blocks, learning_rate)
-                continue
-            entries.append(entry)
-            updates[id(entry)] = entry.state.route.view.from_blocks(blocks)
+    entries, updates, factors = [], {}, {}
+    for entry, blocks in batching.by_variable(batches, orthogonal):
+        dtype = _state_dtype(entry)
+        blocks = [_as(optimizer._normalized(e, b), dtype) for e, b in parts.entries(entry, blocks)]
+        if entry.state.radius is not None:
+            _hyperball(entry, blocks, learning_rate)
+            continue
+        entries.append(entry)
+        updates[id(entry)], factors[id(entry)] = parts.update(entry.state, blocks)
     for dtype, group in _by_state_dtype(entries):
         lr = learning_rate.to(dtype)
         weights = [_as(entry.variable.value, dtype) for entry in group]
         group_updates = [updates[id(entry)] for entry in group]
         _decay(optimizer, group, weights, group_updates, lr, optimizer.weight_decay)
         # `lr·s` per variable, each rounded once, as `rule.descended` takes it.
-        scales = torch.tensor([entry.state.scale for entry in group], dtype=dtype, device=lr.device)
+        scales = torch.tensor(
+            [factors[id(entry)] for entry in group], dtype=dtype, device=lr.device
+        )
         descended(weights, group_updates, torch.unbind(lr * scales))
         _store(group, weights)
 
@@ -151,11 +155,13 @@ def muon_update(optimizer, batches, orthogonal, learning_rate):
 def _hyperball(entry, blocks, learning_rate):
     """`rule.hyperball`'s step of one variable. It normalizes each block,
     and has no multi-tensor form (as the variants' normalizations)."""
-    view, weights, dtype = entry.state.route.view, entry.variable.value, _state_dtype(entry)
-    lr, radius = learning_rate.to(dtype), entry.state.radius.value
-    moved, new_radius = rule.hyperball(view.to_blocks(_as(weights, dtype)), blocks, radius, lr)
+    weights, dtype, radius = entry.variable.value, _state_dtype(entry), entry.state.radius.value
+    state = dataclasses.replace(entry.state, radius=radius)
+    new_weights, new_radius = parts.hyperball(
+        state, _as(weights, dtype), blocks, learning_rate.to(dtype)
+    )
     radius.copy_(new_radius)
-    weights.copy_(view.from_blocks(moved))
+    weights.copy_(new_weights)
 
 
 def _by_state_dtype(entries):

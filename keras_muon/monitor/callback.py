@@ -13,6 +13,7 @@ from keras_muon.monitor import statistics
 from keras_muon.muon import Muon
 from keras_muon.naming import variable_path
 from keras_muon.routing import route
+from keras_muon.routing.views import wide_block
 from keras_muon.update import momentum_storage
 
 ROUTES = ("muon", "adamw")
@@ -307,7 +308,7 @@ class MuonMonitor(keras.callbacks.Callback):
             direction = statistics.orthogonalized_direction(
                 before, after, optimizer.momentum, optimizer.nesterov
             )
-            block = state.route.view.to_wide_blocks(direction)[b]
+            block = wide_block(state.route.view, direction, b)
             by_shape.setdefault(tuple(block.shape), []).append(block)
         if not by_shape:
             return {}

@@ -158,16 +158,14 @@ class QKClip:
                 self.alpha,
                 clipped.query_heads // clipped.key_heads,
             )
-            for projection, axes, factors in (
-                (clipped.spec.query, clipped.query_axes, query_factors),
-                (clipped.spec.key, clipped.key_axes, key_factors),
+            for columns, factors in (
+                *((c, query_factors) for c in clipped.query_columns),
+                *((c, key_factors) for c in clipped.key_columns),
             ):
-                kernel_axis, bias_axis = axes
-                optimizer.assign(
-                    projection.kernel, _scaled(projection.kernel, factors, kernel_axis)
-                )
-                if bias_axis is not None:
-                    optimizer.assign(projection.bias, _scaled(projection.bias, factors, bias_axis))
+                kernel, bias = columns.projection.kernel, columns.projection.bias
+                optimizer.assign(kernel, _scaled(kernel, columns.kernel_factors(factors)))
+                if columns.bias_factors is not None:
+                    optimizer.assign(bias, _scaled(bias, columns.bias_factors(factors)))
             counts.append(ops.sum(ops.cast(max_logits > self.threshold, "float32")))
         optimizer.assign(self.clipped_heads, ops.sum(ops.stack(counts)) if counts else 0.0)
 
@@ -215,10 +213,8 @@ def clip_factors(max_logits, threshold, alpha, group_size):
     return query_factors, key_factors
 
 
-def _scaled(variable, factors, axis):
-    shape = [1] * len(variable.shape)
-    shape[axis] = -1
-    value = ops.multiply(ops.cast(variable, "float32"), ops.reshape(factors, shape))
+def _scaled(variable, factors):
+    value = ops.multiply(ops.cast(variable, "float32"), factors)
     return ops.cast(value, variable.dtype)
 
 

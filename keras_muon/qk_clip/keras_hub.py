@@ -11,8 +11,11 @@ import sys
 import numpy as np
 
 from keras_muon.qk_clip.rules import ATTENTION_RULES
+from keras_muon.qk_clip.rules import AttentionSpec
+from keras_muon.qk_clip.rules import ProjectionPart
 from keras_muon.qk_clip.rules import einsum_projection_rule
 from keras_muon.registry import installed_classes
+from keras_muon.routing.fused import FusedLayout
 
 
 def _gemma_scale(layer):
@@ -36,6 +39,44 @@ def _gemma_rule(layer):
 
 
 _QK_NORM = "QK-norm: scaling the query and key kernels does not change the logits"
+
+
+def _gpt_neo_x_rule(layer):
+    """q, k and v of each head side by side in one kernel `(d, heads,
+    3·head_dim)`: the clip scales each head's q and k columns."""
+    layout = FusedLayout.equal("qkv", heads=layer.num_heads, order="head_major")
+    return AttentionSpec(
+        query=ProjectionPart(layer._qkv_dense, layout, "q"),
+        key=ProjectionPart(layer._qkv_dense, layout, "k"),
+        scale=layer._inv_norm_factor,
+    )
+
+
+def _mmdit_rule(layer):
+    """Joint attention: the context's and the image's q (and k), each from
+    its stream's fused `[q | k | v]` kernel, concatenated along positions."""
+    if layer.qk_norm is not None:
+        return _QK_NORM
+    if layer.x_block.use_dual_attention:
+        return "dual attention: one method computes both attentions, whose logits differ"
+    blocks = (layer.context_block, layer.x_block)
+    layout = FusedLayout.equal("qkv", heads=layer.num_heads)
+    return AttentionSpec(
+        query=tuple(ProjectionPart(b.attention_qkv, layout, "q") for b in blocks),
+        key=tuple(ProjectionPart(b.attention_qkv, layout, "k") for b in blocks),
+        scale=layer._inverse_sqrt_key_dim,
+    )
+
+
+def _listed(reason):
+    return lambda layer: reason
+
+
+_INLINE = "the logits are computed inside `call`: no method receives the query and key"
+_RELATIVE = (
+    _INLINE + "; a relative-position term is added to them, which scaling the "
+    "query and key kernels cannot bound"
+)
 _LLAMA_LIKE = einsum_projection_rule(
     "_query_dense", "_key_dense", lambda layer: layer._inv_norm_factor
 )
@@ -57,6 +98,29 @@ KERAS_HUB_RULES = {
     ),
     ("keras_hub.src.models.gemma.gemma_attention", "CachedGemmaAttention"): _gemma_rule,
     ("keras_hub.src.models.gemma3.gemma3_attention", "CachedGemma3Attention"): _gemma_rule,
+    ("keras_hub.src.models.gpt_neo_x.gpt_neo_x_attention", "GPTNeoXAttention"): _gpt_neo_x_rule,
+    ("keras_hub.src.models.stable_diffusion_3.mmdit", "MMDiTBlock"): _mmdit_rule,
+    # Listed with the reason they are not clipped.
+    ("keras_hub.src.models.swin_transformer.swin_transformer_layers", "WindowAttention"): (
+        _listed(_RELATIVE)
+    ),
+    ("keras_hub.src.models.vit_det.vit_layers", "MultiHeadAttentionWithRelativePE"): (
+        _listed(_RELATIVE)
+    ),
+    ("keras_hub.src.models.qwen3_5.qwen3_5_vision_encoder", "Qwen3_5VisionAttention"): (
+        _listed(_INLINE)
+    ),
+    ("keras_hub.src.models.mobilenetv5.mobilenetv5_attention", "Attention2d"): _listed(_INLINE),
+    ("keras_hub.src.models.mobilenetv5.mobilenetv5_attention", "MultiQueryAttention2d"): (
+        _listed(_INLINE)
+    ),
+    ("keras_hub.src.models.flux.flux_layers", "DoubleStreamBlock"): _listed(_QK_NORM),
+    ("keras_hub.src.models.flux.flux_layers", "SingleStreamBlock"): _listed(_QK_NORM),
+    ("keras_hub.src.models.qwen3_5.qwen3_5_attention", "Qwen3_5Attention"): _listed(_QK_NORM),
+    ("keras_hub.src.models.gemma4.gemma4_attention", "Gemma4TextAttention"): _listed(_QK_NORM),
+    ("keras_hub.src.models.qwen3_5.qwen3_5_gated_delta_net", "Qwen3_5GatedDeltaNet"): _listed(
+        "linear attention: no softmax logits to bound"
+    ),
 }
 
 

@@ -14,6 +14,8 @@ updates the probes, and they are not saved with the model's weights.
 import dataclasses
 import functools
 import inspect
+import math
+import typing
 
 import keras
 from keras import ops
@@ -22,6 +24,10 @@ from keras_muon.backends.distributed import max_over_replicas
 from keras_muon.qk_clip import keras_hub
 from keras_muon.qk_clip.rules import ATTENTION_RULES
 from keras_muon.qk_clip.rules import AttentionSpec
+from keras_muon.qk_clip.rules import ProjectionPart
+from keras_muon.qk_clip.rules import projections
+from keras_muon.routing.fused import part_factors
+from keras_muon.routing.fused import side_of
 
 _LOWEST = -3.0e38  # stands for "no allowed position" and keeps 0·S finite
 
@@ -79,20 +85,67 @@ class LogitProbe(keras.layers.Layer):
         pass
 
 
-def _head_axes(projection):
-    """The head axis of an `EinsumDense` projection's kernel and bias: the
-    output's second-to-last axis."""
+@dataclasses.dataclass(frozen=True)
+class HeadColumns:
+    """Where the heads of one query or key projection lie: its kernel and
+    bias are scaled per head by the factors these functions of a factor
+    per head `(heads,)` give (broadcast against the kernel and the bias)."""
+
+    projection: keras.layers.Layer
+    heads: int
+    kernel_factors: typing.Callable
+    bias_factors: typing.Callable | None
+
+
+def head_columns(projection):
+    """The `HeadColumns` of a projection an `AttentionSpec` names: an
+    `EinsumDense` whose output's second-to-last axis is the heads, or a
+    `ProjectionPart` of a fused projection. Raises a ValueError where the
+    heads cannot be scaled alone."""
+    if isinstance(projection, ProjectionPart):
+        return _part_columns(projection)
     inputs, output = projection.equation.split("->")
     kernel_spec = inputs.split(",")[1]
     head = output[-2]
     if head not in kernel_spec:
         raise ValueError(f"{projection.path}: the kernel has no head axis")
-    bias_axis = None
+    bias_factors = None
     if projection.bias is not None:
         if head not in (projection.bias_axes or ""):
             raise ValueError(f"{projection.path}: the bias is shared by the heads")
-        bias_axis = -2  # the bias broadcasts against (..., heads, head_dim)
-    return kernel_spec.index(head), bias_axis
+        # The bias broadcasts against (..., heads, head_dim).
+        bias_factors = functools.partial(_along, rank=len(projection.bias.shape), axis=-2)
+    axis, rank = kernel_spec.index(head), len(kernel_spec)
+    heads = projection.kernel.shape[axis]
+    return HeadColumns(
+        projection, heads, functools.partial(_along, rank=rank, axis=axis), bias_factors
+    )
+
+
+def _along(factors, rank, axis):
+    shape = [1] * rank
+    shape[axis] = -1
+    return ops.reshape(factors, shape)
+
+
+def _part_columns(part):
+    """A fused projection's part: the columns of each of its heads."""
+    projection, layout = part.projection, part.layout
+    first, last, length = side_of(projection)
+    kernel_shape = tuple(projection.kernel.shape)
+    side_shape = (1,) * first + kernel_shape[first:last] + (1,) * (len(kernel_shape) - last)
+
+    def spread(factors, shape):
+        return ops.reshape(part_factors(layout, length, part.part, factors), shape)
+
+    bias = getattr(projection, "bias", None)
+    if bias is not None and math.prod(bias.shape) != length:
+        raise ValueError(f"{projection.path}: the bias is shared by the heads")
+    bias_factors = None if bias is None else functools.partial(spread, shape=tuple(bias.shape))
+    spread(ops.ones((part.heads,)), side_shape)  # checks the layout now
+    return HeadColumns(
+        projection, part.heads, functools.partial(spread, shape=side_shape), bias_factors
+    )
 
 
 def default_mask(layer, query, key, arguments):
@@ -116,8 +169,8 @@ class ClippedLayer:
     probe: LogitProbe
     query_heads: int
     key_heads: int
-    query_axes: tuple
-    key_axes: tuple
+    query_columns: tuple  # HeadColumns of each query projection
+    key_columns: tuple
     max_logits: keras.Variable = None  # the optimizer's copy, set at build
 
     @property
@@ -128,10 +181,12 @@ class ClippedLayer:
 def install_probe(layer, spec):
     """Makes `layer` record its logits in training forward passes; returns
     the `ClippedLayer`. Raises ValueError if the spec cannot be clipped."""
-    query_axes = _head_axes(spec.query)
-    key_axes = _head_axes(spec.key)
-    query_heads = spec.query.kernel.shape[query_axes[0]]
-    key_heads = spec.key.kernel.shape[key_axes[0]]
+    query_columns = tuple(head_columns(p) for p in projections(spec.query))
+    key_columns = tuple(head_columns(p) for p in projections(spec.key))
+    for columns in (query_columns, key_columns):
+        if len({c.heads for c in columns}) != 1:
+            raise ValueError(f"{layer.path}: joint projections with different head counts")
+    query_heads, key_heads = query_columns[0].heads, key_columns[0].heads
     if query_heads % key_heads:
         raise ValueError(
             f"{layer.path}: {query_heads} query heads are not a multiple of {key_heads} key heads"
@@ -145,7 +200,7 @@ def install_probe(layer, spec):
         layer._tracker.unlock()
         layer._qk_clip_probe = probe
         layer._tracker.lock()
-    return ClippedLayer(layer, spec, probe, query_heads, key_heads, query_axes, key_axes)
+    return ClippedLayer(layer, spec, probe, query_heads, key_heads, query_columns, key_columns)
 
 
 def _hook(layer, spec, probe):

@@ -24,9 +24,14 @@ class AttentionSpec:
 
     Attributes:
         query: The query projection, an `EinsumDense` whose output is
-            `(batch, positions, query_heads, head_dim)`.
+            `(batch, positions, query_heads, head_dim)`; or a
+            `ProjectionPart`, the query columns of a fused projection; or
+            a tuple of them, projections whose outputs the layer
+            concatenates along positions (joint attention), all scaled
+            alike.
         key: The key projection, output `(batch, positions, key_heads,
-            head_dim)`; `query_heads` is a multiple of `key_heads`.
+            head_dim)`, in the same forms; `query_heads` is a multiple of
+            `key_heads`.
         scale: The factor of `q·k` in the logits (`1/sqrt(head_dim)`).
         method: The name of the layer's method that receives the projected
             query and key as its first two arguments (after rotary
@@ -40,11 +45,36 @@ class AttentionSpec:
             `use_causal_mask` argument is true.
     """
 
-    query: keras.layers.EinsumDense
-    key: keras.layers.EinsumDense
+    query: typing.Any
+    key: typing.Any
     scale: float
     method: str = "_compute_attention"
     mask: typing.Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionPart:
+    """A part of a fused projection (`projection`, a `Dense`,
+    `EinsumDense` or convolution whose outputs are laid out as `layout`, a
+    `FusedLayout`): the columns of its part `part`, one group per head, and
+    of its bias. QK-Clip scales only those."""
+
+    projection: keras.layers.Layer
+    layout: typing.Any  # routing.fused.FusedLayout
+    part: str
+
+    @property
+    def heads(self):
+        for part in self.layout.parts:
+            if part.name == self.part:
+                return part.heads
+        names = ", ".join(p.name for p in self.layout.parts)
+        raise ValueError(f"no heads of a part {self.part!r}: the layout's parts are {names}")
+
+
+def projections(role):
+    """The projections of an `AttentionSpec` query or key, as a tuple."""
+    return tuple(role) if isinstance(role, (tuple, list)) else (role,)
 
 
 def register_attention_rule(layer_type, rule):

@@ -14,6 +14,7 @@ import keras
 
 from keras_muon.naming import is_lora_factor
 from keras_muon.naming import variable_path
+from keras_muon.routing import fused
 from keras_muon.routing import keras_hub
 from keras_muon.routing.heads import output_heads
 from keras_muon.routing.keras_layers import route_by_layer
@@ -108,6 +109,7 @@ def route_variables(variables, model, per_head=False, exclude_layers=(), lora="m
     """
     keras_hub.register_if_imported()
     owners = _owners(model) if model is not None else {}
+    fused_kernels = fused.fused_kernels(model) if model is not None else {}
     trained = {id(v) for v in variables}
     heads = output_heads(model, trained) if model is not None else {}
     routes = []
@@ -119,7 +121,7 @@ def route_variables(variables, model, per_head=False, exclude_layers=(), lora="m
         elif id(variable) in heads:
             routes.append(Route(None, heads[id(variable)]))
         elif id(variable) in owners:
-            route = _route_shared(variable, owners[id(variable)], per_head)
+            route = _route_shared(variable, owners[id(variable)], per_head, fused_kernels)
             if lora == "adamw" and is_lora_factor(variable) and route.view is not None:
                 route = Route(None, f"{route.reason}, lora='adamw'")
             routes.append(route)
@@ -128,12 +130,23 @@ def route_variables(variables, model, per_head=False, exclude_layers=(), lora="m
     return routes
 
 
-def _route_shared(variable, layers, per_head):
+def _route_shared(variable, layers, per_head, fused_kernels):
     # A variable shared by several layers (tied weights) goes to AdamW if
     # any of them says so: an embedding tied to an output projection stays
     # an embedding.
-    routes = [route_by_layer(layer, variable, per_head) for layer in layers]
+    routes = [_route_of(layer, variable, per_head, fused_kernels) for layer in layers]
     return next((r for r in routes if r.view is None), routes[0])
+
+
+def _route_of(layer, variable, per_head, fused_kernels):
+    """The route of `variable`, created by `layer`: the kernel of a fused
+    projection as its parts (`routing.fused`), others by the layer's rule."""
+    declaration = fused_kernels.get(id(layer))
+    if declaration is None or variable.name != "kernel":
+        return route_by_layer(layer, variable, per_head)
+    return fused.split_route(
+        route_by_layer(layer, variable, False), variable, declaration, per_head
+    )
 
 
 def _owners(model):

@@ -4,12 +4,15 @@ A Keras layer stores its weight matrix in a layout of its own: a `Conv2D`
 kernel is `(kh, kw, c_in/groups, c_out)`, an LSTM kernel concatenates four
 gates, a `MultiHeadAttention` projection is 3-D. A `MatrixView` says how to
 reshape and transpose such a variable into `num_blocks` matrices of shape
-`(d_in, d_out)`, in the layer's own sense: `d_in` is the side it reads. A
-`Route` sends a variable to Muon with its view, or to AdamW, with the
-reason either way.
+`(d_in, d_out)`, in the layer's own sense: `d_in` is the side it reads.
+A `PartsView` reads a variable that fuses matrices of different shapes
+(`[q | k | v | mlp_in]`) as sections of one axis, each with its own
+`MatrixView`. A `Route` sends a variable to Muon with its view, or to
+AdamW, with the reason either way.
 """
 
 import dataclasses
+import itertools
 import math
 
 from keras import ops
@@ -94,6 +97,19 @@ class MatrixView:
         return (self.d_in, self.d_out)
 
     @property
+    def parts(self):
+        """The views of the variable's sections (`PartsView`): itself."""
+        return (self,)
+
+    def split(self, x):
+        """`x` of the variable's shape as its sections: `[x]`."""
+        return [x]
+
+    def join(self, sections):
+        """The inverse of `split`."""
+        return sections[0]
+
+    @property
     def _transposes(self):
         return self.perm != tuple(range(len(self.perm)))
 
@@ -170,11 +186,92 @@ class MatrixView:
 
 
 @dataclasses.dataclass(frozen=True)
-class Route:
-    """Where a variable is optimized: Muon with `view`, or AdamW if None."""
+class PartsView:
+    """A variable read as several matrices whose blocks differ in shape:
+    consecutive sections of one of its axes, each read by its own
+    `MatrixView` (`parts`), whose blocks are orthogonalized as any others.
 
-    view: MatrixView | None
+    Build one with `PartsView.of`. Where every section's blocks have one
+    shape, a single `MatrixView` with a block axis reads the variable
+    faster; `routing.fused` builds that instead.
+    """
+
+    shape: tuple
+    axis: int
+    sizes: tuple
+    parts: tuple
+
+    @classmethod
+    def of(cls, shape, axis, parts):
+        """Views `shape` as consecutive sections of `axis`, section i of the
+        shape of `parts[i]`, a `MatrixView`. Raises a ValueError if the
+        sections do not tile the variable."""
+        shape = tuple(int(d) for d in shape)
+        sizes = tuple(part.shape[axis] for part in parts)
+        for part in parts:
+            expected = shape[:axis] + (part.shape[axis],) + shape[axis + 1 :]
+            if part.shape != expected:
+                raise ValueError(
+                    f"a part of shape {part.shape} is no section of {shape} on axis {axis}"
+                )
+        if sum(sizes) != shape[axis]:
+            raise ValueError(f"sections {sizes} do not add up to axis {axis} of shape {shape}")
+        return cls(shape, axis, sizes, tuple(parts))
+
+    @property
+    def num_blocks(self):
+        return sum(part.num_blocks for part in self.parts)
+
+    def split(self, x):
+        """`x` of the variable's shape as its sections, one per part."""
+        starts = itertools.accumulate(self.sizes[:-1], initial=0)
+        index = (slice(None),) * self.axis
+        return [x[index + (slice(start, start + size),)] for start, size in zip(starts, self.sizes)]
+
+    def join(self, sections):
+        """The inverse of `split`."""
+        return ops.concatenate(sections, axis=self.axis)
+
+    def to_blocks(self, x):
+        """Each part's `to_blocks` of its section of `x`: a list."""
+        return [part.to_blocks(s) for part, s in zip(self.parts, self.split(x))]
+
+    def from_blocks(self, blocks):
+        """The inverse of `to_blocks`."""
+        return self.join([part.from_blocks(b) for part, b in zip(self.parts, blocks)])
+
+    def to_wide_blocks(self, x):
+        """Each part's `to_wide_blocks` of its section of `x`: a list."""
+        return [part.to_wide_blocks(s) for part, s in zip(self.parts, self.split(x))]
+
+    def blocks_layout(self, layout):
+        """None: the sections of a sharded variable are not laid out as
+        whole blocks (see `MatrixView.blocks_layout`)."""
+        return None
+
+
+def wide_block(view, x, index):
+    """Block `index` of `x`, counted over the parts of `view`, wide (as
+    `MatrixView.to_wide_blocks`)."""
+    for part, section in zip(view.parts, view.split(x)):
+        if index < part.num_blocks:
+            return part.to_wide_blocks(section)[index]
+        index -= part.num_blocks
+    raise IndexError(f"block {index} past the {view.num_blocks} blocks of the view")
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where a variable is optimized: Muon with `view`, or AdamW if None.
+
+    `parts` names the logical matrices a fused kernel is read as,
+    `((name, (d_in, d_out), blocks), ...)`, in the order of its blocks;
+    empty for a variable that holds one kind of matrix.
+    """
+
+    view: MatrixView | PartsView | None
     reason: str
+    parts: tuple = ()
 
     @property
     def name(self):

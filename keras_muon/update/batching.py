@@ -31,12 +31,15 @@ DEFAULT_BUCKET_BYTES = 2**27
 
 class BlockBatch(NamedTuple):
     """The Muon variables whose wide blocks share one shape, and those
-    blocks stacked in the order of `entries`; or one variable whose blocks
-    are laid out whole over the devices along mesh axis `placement`."""
+    blocks stacked in the order of `entries` (entry i's part `parts[i]`
+    of its view, for a variable read as several parts); or one variable
+    whose blocks are laid out whole over the devices along mesh axis
+    `placement`."""
 
     entries: list
     blocks: Any  # (total blocks, rows, cols), rows <= cols, float32
     placement: Any = None
+    parts: list | None = None
 
 
 def buckets(entries, placements, budget, split_counts):
@@ -52,14 +55,17 @@ def buckets(entries, placements, budget, split_counts):
     more than one bucket, all `entries` are one bucket."""
     groups = {}
     for entry, placement, count in zip(entries, placements, split_counts):
-        key = entry.state.route.view.wide_shape, placement
+        key = tuple(part.wide_shape for part in entry.state.route.view.parts), placement
         groups.setdefault(key, []).append((entry, count))
     cut = []
-    for ((rows, cols), _), group in groups.items():
-        capacity = max(1, (budget or DEFAULT_BUCKET_BYTES) // (4 * rows * cols))
+    for (shapes, _), group in groups.items():
+        largest = max(rows * cols for rows, cols in shapes)
+        capacity = max(1, (budget or DEFAULT_BUCKET_BYTES) // (4 * largest))
         bucket, size = [], 0
         for entry, count in group:
-            blocks = entry.state.route.view.num_blocks / count  # on each device
+            parts = entry.state.route.view.parts
+            # On each device, in blocks of the largest shape.
+            blocks = sum(p.num_blocks * p.d_in * p.d_out for p in parts) / largest / count
             if bucket and size + blocks > capacity:
                 cut.append(bucket)
                 bucket, size = [], 0
@@ -77,6 +83,7 @@ def check_bucket_bytes(budget, variables, views):
     if budget is None:
         return
     for variable, view in zip(variables, views):
+        view = None if view is None else max(view.parts, key=lambda p: p.d_in * p.d_out)
         if view is not None and 4 * view.d_in * view.d_out > budget:
             raise ValueError(
                 f"`ns_bucket_bytes={budget}` is smaller than one Muon block of "
@@ -127,32 +134,50 @@ def in_order(entries, previous):
 
 
 def stack_by_shape(entries, wide_blocks, placements=None):
-    """One `BlockBatch` per shape among `wide_blocks` (one tensor per entry,
-    from `MatrixView.to_wide_blocks`), in order of first appearance; and one
-    per entry with a `placement` (not None), which stays where it is."""
+    """One `BlockBatch` per shape among `wide_blocks` (per entry, its
+    view's `to_wide_blocks`: a tensor, or a list with one per part), in
+    order of first appearance; and one per entry with a `placement` (not
+    None), which stays where it is."""
     groups, placed = {}, []
     for entry, blocks, placement in zip(entries, wide_blocks, placements or [None] * len(entries)):
-        if placement is None:
-            groups.setdefault(tuple(blocks.shape[1:]), []).append((entry, blocks))
-        else:
+        if placement is not None:
             placed.append(BlockBatch([entry], blocks, placement))
+            continue
+        for part, part_blocks in enumerate(blocks if isinstance(blocks, list) else [blocks]):
+            groups.setdefault(tuple(part_blocks.shape[1:]), []).append((entry, part, part_blocks))
     # Concatenated even when alone: a copy in one layout whatever the view
     # (a transposed block is a strided view on torch, and matmuls round
     # differently on one).
     return [
-        BlockBatch([entry for entry, _ in group], ops.concatenate([b for _, b in group]))
+        BlockBatch(
+            [entry for entry, _, _ in group],
+            ops.concatenate([b for _, _, b in group]),
+            parts=[part for _, part, _ in group],
+        )
         for group in groups.values()
     ] + placed
 
 
-def unstack(batch, stacked):
-    """`(entry, blocks)` for each variable of `batch`, its blocks
-    `(num_blocks, d_in, d_out)` cut from `stacked`, which is stacked as
-    `batch.blocks` is (Newton–Schulz's output)."""
-    views = [entry.state.route.view for entry in batch.entries]
-    pieces = _split(stacked, [view.num_blocks for view in views])
-    for entry, view, blocks in zip(batch.entries, views, pieces):
-        yield entry, view.from_wide_blocks(blocks)
+def by_variable(batches, orthogonal):
+    """`(entry, blocks)` for each variable of `batches`, `blocks` a list
+    with the `(num_blocks, d_in, d_out)` blocks of each part of its view,
+    cut from `orthogonal` (Newton–Schulz's output of each batch, stacked
+    as `batch.blocks` is). A variable of several parts comes once all its
+    parts have."""
+    pending = {}
+    for batch, stacked in zip(batches, orthogonal):
+        parts = batch.parts or [0] * len(batch.entries)
+        views = [entry.state.route.view.parts[p] for entry, p in zip(batch.entries, parts)]
+        pieces = _split(stacked, [view.num_blocks for view in views])
+        for entry, part, view, blocks in zip(batch.entries, parts, views, pieces):
+            count = len(entry.state.route.view.parts)
+            if count == 1:
+                yield entry, [view.from_wide_blocks(blocks)]
+                continue
+            received = pending.setdefault(id(entry), [None] * count)
+            received[part] = view.from_wide_blocks(blocks)
+            if all(b is not None for b in received):
+                yield entry, pending.pop(id(entry))
 
 
 def _split(x, sizes):

@@ -21,16 +21,18 @@ class VariableState:
     """The route of one trained variable and the state kept for it.
 
     Attributes:
-        route: Muon with the variable's `MatrixView`, or AdamW
-            (`route.view` is None).
+        route: Muon with the variable's view (a `MatrixView`, or a
+            `PartsView` for a fused kernel whose parts differ in shape), or
+            AdamW (`route.view` is None).
         momentum: Muon's momentum `M`, or AdamW's first moment `m`. None
             for a variable the optimizer does not update (QK-Clip's logit
             probes, variables that Keras overwrites with their gradient).
         velocity: AdamW's second moment `v`; None on Muon's route.
         variant_state: A Muon variant's own state (NorMuon's and AdaMuon's
-            second moments), or None.
-        scale: The factor `s` of the Muon update of the variable's blocks;
-            None for AdamW.
+            second moments), or None; a tuple of each part's for a
+            `PartsView` (`update.parts`).
+        scale: The factor `s` of the Muon update of the variable's blocks
+            (a tuple of each part's for a `PartsView`); None for AdamW.
         decays: Whether weight decay applies to it
             (`exclude_from_weight_decay`).
         radius: Hyperball's radius of each block, float32
@@ -104,18 +106,20 @@ def add_float32_state(optimizer, variable, name, shape, layout=None):
 
 
 def add_radius(optimizer, variable, view):
-    """Hyperball's radius of each block of `variable` read by `view`, a
-    float32 state `(num_blocks,)` made by `optimizer`, 0 until the first
-    update sets it (`rule.hyperball`); None for a LoRA factor, which
-    starts from zero (`lora_kernel_b`) and keeps the plain update. Raises a
-    ValueError naming the variable if a block is zero now: it has no
-    sphere to stay on."""
+    """Hyperball's radius of each block of `variable` read by `view` (the
+    blocks of each of its parts, in order), a float32 state `(num_blocks,)`
+    made by `optimizer`, 0 until the first update sets it
+    (`rule.hyperball`); None for a LoRA factor, which starts from zero
+    (`lora_kernel_b`) and keeps the plain update. Raises a ValueError
+    naming the variable if a block is zero now: it has no sphere to stay
+    on."""
     if is_lora_factor(variable):
         return None
     path = variable_path(variable)
     with eager_scope():
-        blocks = view.to_blocks(ops.cast(variable, "float32"))
-        norms = ops.convert_to_numpy(block_norms(blocks))
+        sections = view.split(ops.cast(variable, "float32"))
+        norms = [block_norms(p.to_blocks(s)) for p, s in zip(view.parts, sections)]
+        norms = ops.convert_to_numpy(ops.concatenate(norms) if len(norms) > 1 else norms[0])
     if not (norms > 0).all():
         raise ValueError(
             f"`hyperball=True` keeps each Muon matrix at its norm, but {path} "

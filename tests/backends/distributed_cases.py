@@ -1107,12 +1107,71 @@ def train_tf_loop(strategy, index=0):
     return snapshot(model, optimizer)
 
 
+def jax_fused_case():
+    """A transformer whose attention and feed-forward kernels are fused,
+    read as their parts (q and a twice as wide kv, unequal: a `PartsView`;
+    gate and up, equal), trained on 8 simulated devices, data parallel and
+    fully sharded (per head, every block has one shape: the one-view case
+    the other distributed tests cover): the largest weight
+    difference of a Muon variable to one device (AdamW's normalized update
+    amplifies round-off where gradients are tiny: compared elsewhere)."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    sys.path.insert(0, str(ROOT / "examples"))
+    from char_transformer import FusedAttention
+    from char_transformer import char_transformer
+    from char_transformer import declare_fused_projections
+
+    declare_fused_projections()
+    keras_muon.register_fused_projection(
+        FusedAttention,
+        "qkv",
+        lambda layer: keras_muon.FusedLayout(
+            (keras_muon.Part("q", WIDTH, HEADS), keras_muon.Part("kv", 2 * WIDTH, 2 * HEADS))
+        ),
+    )
+
+    def build():
+        return char_transformer(SEQUENCE, WIDTH, DEPTH, HEADS, fused=True)
+
+    keras.utils.set_random_seed(0)
+    weights = build().get_weights()
+    tokens = np.random.default_rng(0).integers(0, 256, (STEPS * BATCH, SEQUENCE + 1))
+    data = (tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32"))
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((8,), ["model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*qkv/kernel"] = (None, "model")  # each part split over the devices
+    layout_map[".*attention/out/kernel"] = ("model", None)
+    distributions = {
+        "DataParallel": keras.distribution.DataParallel(devices=devices),
+        "fully sharded": keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="model"
+        ),
+    }
+    one_device, optimizer = fit(weights, data, build=build)
+    table = optimizer.routing_table()
+    result = {"parts": sorted({str(row["parts"]) for row in table if row["parts"]})}
+    muon = [row["route"] == "muon" for row in table]
+    for name, distribution in distributions.items():
+        model, _ = fit(weights, data, distribution.scope(), build=build)
+        pairs = zip(muon, one_device.trainable_variables, model.trainable_variables)
+        result[name] = max(
+            float(np.max(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b))))
+            for is_muon, a, b in pairs
+            if is_muon
+        )
+    return result
+
+
 if __name__ == "__main__":
     case, output = sys.argv[1:]
     backend, _, option = case.partition(":")
     cases = {
         "jax": jax_case,
         "jax_layouts": jax_layouts_case,
+        "jax_fused": jax_fused_case,
         "jax_checkpoint": jax_checkpoint_case,
         "jax_process": jax_process_case,
         "tensorflow": tensorflow_case,

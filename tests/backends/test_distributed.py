@@ -34,6 +34,15 @@ from tests.backends.distributed_cases import transformer
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+def test_jax_fused_kernels_read_as_parts_match_one_device(tmp_path):
+    result = run_case("jax_fused", tmp_path)
+    # q (d, d) and kv (d, 2d): parts of two shapes in one kernel.
+    assert any("('q', (64, 64), 1), ('kv', (64, 128), 1)" in p for p in result["parts"]), result
+    for name in ("DataParallel", "fully sharded"):
+        assert result[name] <= 1e-5, result
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
 def test_jax_data_and_model_parallel_match_one_device(tmp_path):
     result = run_case("jax", tmp_path)
     assert result["devices"] == 8

@@ -117,7 +117,7 @@ def test_tied_variable_goes_to_adamw_if_any_owner_says_so(isolated_rules):
     assert table["embed/embeddings"]["route"] == "adamw"
     shared = x._keras_history.operation
     for owners in ([embedding, shared], [shared, embedding]):
-        chosen = route._route_shared(embedding.embeddings, owners, False)
+        chosen = route._route_shared(embedding.embeddings, owners, False, {})
         assert chosen.reason == "embedding (Embedding)"
 
 

@@ -5,6 +5,8 @@ import pytest
 from keras import ops
 
 from keras_muon import MatrixView
+from keras_muon.routing.views import PartsView
+from keras_muon.routing.views import wide_block
 
 
 def test_size_one_axes_do_not_transpose():
@@ -58,3 +60,28 @@ def test_blocks_round_trip_through_a_permuted_view():
     x = np.arange(40, dtype="float32").reshape(5, 8)
     blocks = ops.convert_to_numpy(split.to_blocks(ops.convert_to_tensor(x)))
     np.testing.assert_array_equal(blocks[1], x[:, 4:])
+
+
+def test_parts_view_reads_sections_of_one_axis_and_back():
+    # (5, 10) as a (5, 4) section per head (2 heads of 2) and a (5, 6) one.
+    heads = MatrixView.from_axes(
+        (5, 4), inputs=(0,), outputs=(2,), blocks=(1,), split_shape=(5, 2, 2)
+    )
+    view = PartsView.of((5, 10), 1, [heads, MatrixView.dense((5, 6))])
+    x = np.arange(50, dtype="float32").reshape(5, 10)
+    first, second = (ops.convert_to_numpy(b) for b in view.to_blocks(ops.convert_to_tensor(x)))
+    np.testing.assert_array_equal(first, np.stack([x[:, 0:2], x[:, 2:4]]))
+    np.testing.assert_array_equal(second, x[None, :, 4:])
+    back = view.from_blocks(view.to_blocks(ops.convert_to_tensor(x)))
+    np.testing.assert_array_equal(ops.convert_to_numpy(back), x)
+    assert view.num_blocks == 3 and view.blocks_layout((None, "model")) is None
+    # Block 2 counted over the parts is the second part's, wide (6 > 5: as is).
+    np.testing.assert_array_equal(ops.convert_to_numpy(wide_block(view, x, 2)), x[:, 4:])
+    np.testing.assert_array_equal(ops.convert_to_numpy(wide_block(heads, x[:, :4], 1)), x[:, 2:4].T)
+
+
+def test_parts_that_do_not_tile_the_variable_are_errors():
+    with pytest.raises(ValueError, match="do not add up"):
+        PartsView.of((5, 10), 1, [MatrixView.dense((5, 4))])
+    with pytest.raises(ValueError, match="no section"):
+        PartsView.of((5, 10), 1, [MatrixView.dense((6, 4)), MatrixView.dense((5, 6))])

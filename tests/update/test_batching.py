@@ -7,6 +7,7 @@ from keras import ops
 
 import keras_muon
 from keras_muon.backends import distributed
+from keras_muon.routing.views import PartsView
 from keras_muon.update import batching
 from keras_muon.update.state import Entry
 from keras_muon.update.state import VariableState
@@ -83,11 +84,19 @@ def entry(shape, name):
     return Entry(name, None, state)
 
 
-def test_stack_by_shape_and_unstack_round_trip():
+def sections_entry(name):
+    """A (4, 10) variable read as a (4, 6) part and a (4, 4) one."""
+    parts = [keras_muon.MatrixView.dense((4, 6)), keras_muon.MatrixView.dense((4, 4))]
+    view = PartsView.of((4, 10), 1, parts)
+    return Entry(name, None, VariableState(keras_muon.Route(view, name)))
+
+
+def test_stack_by_shape_and_by_variable_round_trip():
     entries = [
         entry((4, 6), "wide"),
         entry((6, 4), "tall"),
         entry((3, 4, 4), "heads"),
+        sections_entry("parts"),
         entry((4, 4), "square"),
     ]
     rng = np.random.default_rng(0)
@@ -96,19 +105,26 @@ def test_stack_by_shape_and_unstack_round_trip():
         e.state.route.view.to_wide_blocks(ops.convert_to_tensor(v)) for e, v in zip(entries, values)
     ]
     batches = batching.stack_by_shape(entries, wide)
-    # The tall block joins the wide one's batch, in order of appearance.
+    # The tall block joins the wide one's batch, in order of appearance;
+    # each part of a variable joins the batch of its shape.
     assert [[e.variable for e in b.entries] for b in batches] == [
-        ["wide", "tall"],
-        ["heads", "square"],
+        ["wide", "tall", "parts"],
+        ["heads", "parts", "square"],
     ]
-    assert [tuple(b.blocks.shape) for b in batches] == [(2, 4, 6), (4, 4, 4)]
-    for batch in batches:
-        for (e, blocks), original in zip(
-            batching.unstack(batch, batch.blocks), [values[entries.index(x)] for x in batch.entries]
-        ):
-            view = e.state.route.view
-            assert tuple(blocks.shape) == (view.num_blocks, view.d_in, view.d_out)
-            np.testing.assert_array_equal(ops.convert_to_numpy(view.from_blocks(blocks)), original)
+    assert [b.parts for b in batches] == [[0, 0, 0], [0, 1, 0]]
+    assert [tuple(b.blocks.shape) for b in batches] == [(3, 4, 6), (5, 4, 4)]
+    got = list(batching.by_variable(batches, [b.blocks for b in batches]))
+    # A variable of several parts comes once its last part has.
+    assert [e.variable for e, _ in got] == ["wide", "tall", "heads", "parts", "square"]
+    for e, blocks in got:
+        view = e.state.route.view
+        assert [tuple(b.shape) for b in blocks] == [
+            (p.num_blocks, p.d_in, p.d_out) for p in view.parts
+        ]
+        joined = view.from_blocks(blocks if len(blocks) > 1 else blocks[0])
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(joined), values[[x.variable for x in entries].index(e.variable)]
+        )
 
 
 def test_buckets_hold_at_most_the_budget_per_device():
