@@ -274,7 +274,7 @@ class Muon(keras.optimizers.Optimizer):
             momentum, direction = rule.momentum_and_direction(
                 momentum_storage.read(state), gradient, self.momentum, self.nesterov
             )
-            for variable, value in momentum_storage.stored(state, momentum):
+            for variable, value in momentum_storage.stored(state, momentum, after=direction):
                 self.assign(variable, value)
             directions.append(state.route.view.to_wide_blocks(direction))
         return batching.stack_by_shape(entries, directions, distributed.placements(entries))

@@ -17,6 +17,7 @@ and the variants' second moments stay in float32.
 
 import math
 
+import keras
 from keras import ops
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -72,11 +73,23 @@ def read(state):
     return state.momentum
 
 
-def stored(state, value):
+def stored(state, value, after=None):
     """`[(variable, new value)]`: what to assign to store `value` as the
-    momentum of `state` (a `VariableState`)."""
+    momentum of `state` (a `VariableState`); on JAX, int8 codes computed
+    after the tensor `after` (the step's direction, which is read from the
+    old codes) where the momentum is whole on each device."""
     momentum, scales = state.momentum, state.momentum_scales
     if scales is None:
         return [(momentum, ops.cast(value, momentum.dtype))]
+    layout = getattr(momentum, "_layout", None)
+    if after is not None and keras.backend.backend() == "jax" and not (layout and any(layout.axes)):
+        # XLA reads the old codes again wherever the direction is used; with
+        # the new codes free to come first, it copies every variable's old
+        # codes at the start of the update (scratch that grows with the
+        # model) rather than write the new ones over them. A factor of
+        # exactly 1 computed from the direction orders them. (A sharded
+        # momentum's copies are its shards; the factor would cost an
+        # all-reduce.)
+        value = value * ops.cast(ops.logical_not(ops.max(after) > float("inf")), value.dtype)
     codes, new_scales = quantize(value, momentum.shape[-1] // scales.shape[-1])
     return [(momentum, codes), (scales, new_scales)]
