@@ -156,3 +156,63 @@ def test_a_part_takes_its_own_step_where_gradients_differ_in_scale(isolated_rule
     rms = [np.sqrt(np.mean(step[:, p * D : (p + 1) * D] ** 2)) for p in range(3)]
     # msign of a square block: every singular value 1, RMS 1/sqrt(D).
     np.testing.assert_allclose(rms, 1 / np.sqrt(D), rtol=0.05)
+
+
+class HeadMajor(keras.layers.Layer):
+    """GPT-NeoX's fused projection: kernel `(d, heads, 3·head_dim)`, each
+    head's `[q_h | k_h | v_h]` side by side."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.qkv = keras.layers.EinsumDense("btd,dhe->bthe", (None, HEADS, 3 * (D // HEADS)))
+
+    def call(self, x):
+        return ops.reshape(self.qkv(x), (-1, 3, 3 * D))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_a_head_major_kernel_steps_as_each_part_gathered_across_heads(isolated_rules, per_head):
+    keras_muon.register_fused_projection(
+        HeadMajor,
+        "qkv",
+        lambda layer: FusedLayout.equal("qkv", heads=HEADS, order="head_major"),
+    )
+    x = keras.Input((3, D))
+    layer = HeadMajor()
+    model = keras.Model(x, keras.layers.Dense(2)(layer(x)))
+    optimizer = keras_muon.Muon(learning_rate=FAMILY_LEARNING_RATE, per_head=per_head)
+    optimizer.attach(model)
+    kernel = layer.qkv.kernel
+    w = ops.convert_to_numpy(kernel).astype(np.float64)
+    g = np.random.default_rng(5).normal(size=kernel.shape)
+    optimizer.apply([ops.convert_to_tensor(g.astype("float32"))], [kernel])
+
+    hd = D // HEADS
+    expected = np.empty_like(w)
+    for p in range(3):  # part p: columns p·hd of every head
+        columns = slice(p * hd, (p + 1) * hd)
+        if per_head:
+            blocks, grads = w[:, :, columns].transpose(1, 0, 2), g[:, :, columns].transpose(1, 0, 2)
+        else:
+            blocks, grads = (
+                w[None, :, :, columns].reshape(1, D, D),
+                g[:, :, columns].reshape(1, D, D),
+            )
+        d_in, d_out = blocks.shape[1:]
+        new, _, _ = reference.muon_family_step(
+            blocks,
+            np.zeros_like(blocks),
+            None,
+            grads,
+            rule="muon",
+            lr=FAMILY_LEARNING_RATE,
+            momentum=0.95,
+            nesterov=True,
+            weight_decay=0.1,
+            schedule=FAMILY_SCHEDULE,
+            scale=reference.scale("moonlight", d_in, d_out),
+        )
+        expected[:, :, columns] = (
+            new.transpose(1, 0, 2) if per_head else new[0].reshape(D, HEADS, hd)
+        )
+    np.testing.assert_allclose(ops.convert_to_numpy(kernel), expected, atol=ATOL)
