@@ -75,21 +75,24 @@ def read(state):
 
 def stored(state, value, after=None):
     """`[(variable, new value)]`: what to assign to store `value` as the
-    momentum of `state` (a `VariableState`); on JAX, int8 codes computed
-    after the tensor `after` (the step's direction, which is read from the
-    old codes) where the momentum is whole on each device."""
+    momentum of `state` (a `VariableState`); on JAX, a rounded momentum
+    (bfloat16, int8) computed after the tensor `after` (the step's
+    direction, which is read from the old momentum) where it is whole on
+    each device."""
     momentum, scales = state.momentum, state.momentum_scales
+    layout = getattr(momentum, "_layout", None)
+    rounded = momentum.dtype in ("bfloat16", "int8")
+    if rounded and after is not None and keras.backend.backend() == "jax":
+        if not (layout and any(layout.axes)):
+            # XLA reads the old momentum again wherever the direction is
+            # used; with the new one free to come first, it copies every
+            # variable's old momentum at the start of the update (scratch
+            # that grows with the model) rather than write the new one
+            # over it. A factor of exactly 1 computed from the direction
+            # orders them. (A sharded momentum's copies are its shards;
+            # the factor would cost an all-reduce.)
+            value = value * ops.cast(ops.logical_not(ops.max(after) > float("inf")), value.dtype)
     if scales is None:
         return [(momentum, ops.cast(value, momentum.dtype))]
-    layout = getattr(momentum, "_layout", None)
-    if after is not None and keras.backend.backend() == "jax" and not (layout and any(layout.axes)):
-        # XLA reads the old codes again wherever the direction is used; with
-        # the new codes free to come first, it copies every variable's old
-        # codes at the start of the update (scratch that grows with the
-        # model) rather than write the new ones over them. A factor of
-        # exactly 1 computed from the direction orders them. (A sharded
-        # momentum's copies are its shards; the factor would cost an
-        # all-reduce.)
-        value = value * ops.cast(ops.logical_not(ops.max(after) > float("inf")), value.dtype)
     codes, new_scales = quantize(value, momentum.shape[-1] // scales.shape[-1])
     return [(momentum, codes), (scales, new_scales)]

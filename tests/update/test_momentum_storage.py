@@ -208,8 +208,8 @@ def compiled_scratch_bytes(depth, momentum_dtype):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's compile-time memory analysis")
-@pytest.mark.parametrize("momentum_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("momentum_dtype", ["float32", "bfloat16", "int8"])
 def test_the_update_scratch_does_not_grow_with_the_depth_of_the_model(momentum_dtype):
-    # The int8 codes are written over the old ones bucket by bucket, not
+    # A rounded momentum is written over the old one bucket by bucket, not
     # copied at the start of the update for every variable.
     assert compiled_scratch_bytes(8, momentum_dtype) == compiled_scratch_bytes(2, momentum_dtype)
