@@ -249,18 +249,20 @@ def test_options_that_add_variables_must_match_and_are_named(
     assert named in str(error.value)
 
 
+def attention_model_with(optimizer):
+    """The attention model, seeded, compiled with `optimizer`, built."""
+    keras.utils.set_random_seed(0)
+    model = attention_model()
+    model.compile(optimizer=optimizer, loss=LOSS)
+    optimizer.build(model.trainable_variables)
+    return model
+
+
 def test_state_of_other_block_shapes_is_refused_before_anything_is_assigned(tmp_path):
     # NorMuon keeps a second moment per block: per head, other shapes.
-    def built(per_head):
-        keras.utils.set_random_seed(0)
-        model = attention_model()
-        optimizer = keras_muon.NorMuon(per_head=per_head)
-        model.compile(optimizer=optimizer, loss=LOSS)
-        optimizer.build(model.trainable_variables)
-        return model, optimizer
-
-    built(False)[0].save_weights(tmp_path / "m.weights.h5")
-    model, optimizer = built(True)
+    attention_model_with(keras_muon.NorMuon(per_head=False)).save_weights(tmp_path / "m.weights.h5")
+    optimizer = keras_muon.NorMuon(per_head=True)
+    model = attention_model_with(optimizer)
     before = [ops.convert_to_numpy(v) for v in optimizer.variables]
     with pytest.raises(ValueError, match="other shapes, e.g. .*neuron_second_moment") as error:
         model.load_weights(tmp_path / "m.weights.h5")
@@ -277,12 +279,7 @@ def test_qk_clip_toggled_between_save_and_load_is_named(
     tmp_path, saved_threshold, loading_threshold, cause
 ):
     def built(threshold):
-        keras.utils.set_random_seed(0)
-        model = attention_model()
-        optimizer = keras_muon.Muon(qk_clip_threshold=threshold)
-        model.compile(optimizer=optimizer, loss=LOSS)
-        optimizer.build(model.trainable_variables)
-        return model
+        return attention_model_with(keras_muon.Muon(qk_clip_threshold=threshold))
 
     built(saved_threshold).save_weights(tmp_path / "m.weights.h5")
     with pytest.raises(ValueError, match=cause):

@@ -15,7 +15,8 @@ from keras_muon.qk_clip.rules import AttentionSpec
 from keras_muon.qk_clip.rules import ProjectionPart
 from keras_muon.qk_clip.rules import einsum_projection_rule
 from keras_muon.registry import installed_classes
-from keras_muon.routing.fused import FusedLayout
+from keras_muon.routing.keras_hub import GPT_NEO_X_QKV
+from keras_muon.routing.keras_hub import SD3_QKV
 
 
 def _gemma_scale(layer):
@@ -44,7 +45,7 @@ _QK_NORM = "QK-norm: scaling the query and key kernels does not change the logit
 def _gpt_neo_x_rule(layer):
     """q, k and v of each head side by side in one kernel `(d, heads,
     3·head_dim)`: the clip scales each head's q and k columns."""
-    layout = FusedLayout.equal("qkv", heads=layer.num_heads, order="head_major")
+    layout = GPT_NEO_X_QKV(layer)
     return AttentionSpec(
         query=ProjectionPart(layer._qkv_dense, layout, "q"),
         key=ProjectionPart(layer._qkv_dense, layout, "k"),
@@ -60,10 +61,9 @@ def _mmdit_rule(layer):
     if layer.x_block.use_dual_attention:
         return "dual attention: one method computes both attentions, whose logits differ"
     blocks = (layer.context_block, layer.x_block)
-    layout = FusedLayout.equal("qkv", heads=layer.num_heads)
     return AttentionSpec(
-        query=tuple(ProjectionPart(b.attention_qkv, layout, "q") for b in blocks),
-        key=tuple(ProjectionPart(b.attention_qkv, layout, "k") for b in blocks),
+        query=tuple(ProjectionPart(b.attention_qkv, SD3_QKV(b), "q") for b in blocks),
+        key=tuple(ProjectionPart(b.attention_qkv, SD3_QKV(b), "k") for b in blocks),
         scale=layer._inverse_sqrt_key_dim,
     )
 

@@ -124,6 +124,11 @@ def _qkv(heads, order="part_major"):
     return lambda layer: FusedLayout.equal("qkv", heads=getattr(layer, heads), order=order)
 
 
+# Shared with QK-Clip's rules, which scale the q and k columns of these.
+GPT_NEO_X_QKV = _qkv("num_heads", "head_major")  # each head's [q_h | k_h | v_h]
+SD3_QKV = _qkv("num_heads")
+
+
 def _halves(first, second):
     return lambda layer: FusedLayout.equal((first, second))
 
@@ -181,9 +186,7 @@ FUSED = {
         "qkv": _qkv("num_heads")
     },
     (_HUB + "vit_det.vit_layers", "MultiHeadAttentionWithRelativePE"): {"qkv": _qkv("num_heads")},
-    (_HUB + "gpt_neo_x.gpt_neo_x_attention", "GPTNeoXAttention"): {
-        "_qkv_dense": _qkv("num_heads", "head_major")
-    },
+    (_HUB + "gpt_neo_x.gpt_neo_x_attention", "GPTNeoXAttention"): {"_qkv_dense": GPT_NEO_X_QKV},
     (_HUB + "flux.flux_layers", "SelfAttention"): {"qkv": _qkv("num_heads")},
     (_HUB + "flux.flux_layers", "SingleStreamBlock"): {
         "linear1": _flux_single("output"),
@@ -194,8 +197,8 @@ FUSED = {
         "adaLN_modulation.layers.1": _halves("shift", "scale")
     },
     (_HUB + "stable_diffusion_3.mmdit", "DismantledBlock"): {
-        "attention_qkv": _qkv("num_heads"),
-        "attention_qkv2": _qkv("num_heads"),
+        "attention_qkv": SD3_QKV,
+        "attention_qkv2": SD3_QKV,
     },
     (_HUB + "stable_diffusion_3.mmdit", "AdaptiveLayerNormalization"): {"dense": _sd3_modulation},
     (_HUB + "qwen3_5.qwen3_5_vision_encoder", "Qwen3_5VisionAttention"): {"qkv": _qkv("num_heads")},
