@@ -32,8 +32,8 @@ from keras_muon.update.newton_schulz import newton_schulz
 def orthogonalize(blocks, schedule, dtype=None, split=True, placement=None):
     """`newton_schulz(blocks, schedule, dtype)`, with the blocks split among
     the data-parallel replicas when `split` is true and there are several;
-    or, for blocks laid out whole over mesh axis `placement` (see
-    `placements`), on each device, where they are."""
+    or, for blocks laid out by block over the devices (`placement`, see
+    `placements`), where they are."""
     if placement is not None:
         return _jax_in_place(blocks, schedule, dtype, placement)
     if split:
@@ -80,15 +80,8 @@ def _jax_split(blocks, schedule, dtype):
     size = -(-count // devices)
 
     def orthogonalize_share(mine):
-        # A share of padding only (fewer blocks than devices) is skipped,
-        # so that the padding costs no time where devices share a host.
         first = jax.lax.axis_index(axes) * size
-        return jax.lax.cond(
-            first < count,
-            lambda x: newton_schulz(x, schedule, dtype),
-            lambda x: x,  # zeros
-            mine,
-        )
+        return _unless_padding(jax, mine, first < count, schedule, dtype)
 
     padded = _padded(blocks, size * devices)
     if isinstance(distribution, keras.distribution.DataParallel):
@@ -112,10 +105,13 @@ def _jax_split(blocks, schedule, dtype):
 
 def placements(entries):
     """For each `Entry` of a Muon variable: under `keras.distribution`
-    (JAX), the mesh axis along which the variable's layout lays its blocks
-    out whole, each device holding whole blocks (an expert bank sharded on
-    its expert axis); None for any other variable. Newton–Schulz then runs
-    on the blocks where they are, with no communication."""
+    (JAX), the mesh axes `(blocks, rows, cols)` of its wide blocks where its
+    layout splits them among the devices by block, along mesh axis
+    `blocks` (an expert bank sharded on its expert axis), each block whole
+    on a device or split on one more mesh axis (`rows` or `cols`, the
+    other None); None for any other variable. Newton–Schulz then runs
+    where the blocks are: with no communication, or with one all-to-all
+    each way among the devices that share a block."""
     distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
     return [None if distribution is None else _placement(entry, distribution) for entry in entries]
 
@@ -142,23 +138,61 @@ def _placement(entry, distribution):
     layout = getattr(entry.variable, "_layout", None)
     view = entry.state.route.view
     axes = None if layout is None else view.blocks_layout(layout.axes)
-    if axes is None or axes[0] is None or axes[1:] != (None, None):
+    if axes is None or axes[0] is None:
         return None
-    return axes[0]
+    within = axes[:0:-1] if view.is_tall else axes[1:]  # rows and cols of a wide block
+    if sum(a is not None for a in within) > 1 or axes[0] in within:
+        return None
+    placement = (axes[0], *within)
+    # shard_map takes whole shares: each axis a multiple of its devices.
+    sizes = dict(zip(distribution.device_mesh.axis_names, distribution.device_mesh.shape))
+    shape = (view.num_blocks, *view.wide_shape)
+    if any(a is not None and n % sizes[a] for a, n in zip(placement, shape)):
+        return None
+    return placement
 
 
 def _jax_in_place(blocks, schedule, dtype, placement):
     import jax
     from jax.sharding import PartitionSpec
 
-    mesh = keras.distribution.distribution().device_mesh.backend_mesh
+    mesh = keras.distribution.distribution().device_mesh
+    split = [(axis, name) for axis, name in enumerate(placement) if axis and name is not None]
+
+    def where_they_are(mine):
+        if not split:
+            return newton_schulz(mine, schedule, dtype)
+        (axis, name), count = split[0], mine.shape[0]
+        devices = dict(zip(mesh.axis_names, mesh.shape))[name]
+        # An all-to-all among the devices that share these blocks gives each
+        # 1/devices of them whole (zero blocks pad their number), and
+        # another brings the results back to the rows or columns it holds.
+        # (The barrier keeps the padded blocks one operand: XLA:CPU would
+        # cut them into pieces of other layouts, which its all-to-all refuses.)
+        size = -(-count // devices)
+        padded = jax.lax.optimization_barrier(_padded(mine, size * devices))
+        whole = jax.lax.all_to_all(padded, name, 0, axis, tiled=True)
+        first = jax.lax.axis_index(name) * size
+        orthogonal = _unless_padding(jax, whole, first < count, schedule, dtype)
+        return jax.lax.all_to_all(orthogonal, name, axis, 0, tiled=True)[:count]
+
+    spec = PartitionSpec(*placement)
     in_place = _shard_map(jax)(
-        lambda x: newton_schulz(x, schedule, dtype),
-        mesh=mesh,
-        in_specs=PartitionSpec(placement),
-        out_specs=PartitionSpec(placement),
+        where_they_are, mesh=mesh.backend_mesh, in_specs=spec, out_specs=spec
     )
     return in_place(blocks)
+
+
+def _unless_padding(jax, share, has_blocks, schedule, dtype):
+    """`newton_schulz` of a device's `share` of blocks; a share of padding
+    only (`has_blocks` false: fewer blocks than devices) is skipped, so that
+    the padding costs no time where devices share a host."""
+    return jax.lax.cond(
+        has_blocks,
+        lambda x: newton_schulz(x, schedule, dtype),
+        lambda x: x,  # zeros
+        share,
+    )
 
 
 def _shard_map(jax):

@@ -32,9 +32,10 @@ DEFAULT_BUCKET_BYTES = 2**27
 class BlockBatch(NamedTuple):
     """The Muon variables whose wide blocks share one shape, and those
     blocks stacked in the order of `entries` (entry i's part `parts[i]`
-    of its view, for a variable read as several parts); or one variable
-    whose blocks are laid out whole over the devices along mesh axis
-    `placement`."""
+    of its view, for a variable read as several parts); or variables whose
+    blocks the devices hold by block (`placement`, see
+    `distributed.placements`), their blocks taken in turn (block j of
+    each entry, then block j + 1), so that each device keeps its own."""
 
     entries: list
     blocks: Any  # (total blocks, rows, cols), rows <= cols, float32
@@ -136,12 +137,12 @@ def in_order(entries, previous):
 def stack_by_shape(entries, wide_blocks, placements=None):
     """One `BlockBatch` per shape among `wide_blocks` (per entry, its
     view's `to_wide_blocks`: a tensor, or a list with one per part), in
-    order of first appearance; and one per entry with a `placement` (not
-    None), which stays where it is."""
-    groups, placed = {}, []
+    order of first appearance; and one per shape and `placement` (not
+    None) for the entries whose blocks stay where they are."""
+    groups, placed = {}, {}
     for entry, blocks, placement in zip(entries, wide_blocks, placements or [None] * len(entries)):
         if placement is not None:
-            placed.append(BlockBatch([entry], blocks, placement))
+            placed.setdefault((tuple(blocks.shape), placement), []).append((entry, blocks))
             continue
         for part, part_blocks in enumerate(blocks if isinstance(blocks, list) else [blocks]):
             groups.setdefault(tuple(part_blocks.shape[1:]), []).append((entry, part, part_blocks))
@@ -155,7 +156,20 @@ def stack_by_shape(entries, wide_blocks, placements=None):
             parts=[part for _, part, _ in group],
         )
         for group in groups.values()
-    ] + placed
+    ] + [
+        BlockBatch([entry for entry, _ in group], _in_turn([b for _, b in group]), placement)
+        for (_, placement), group in placed.items()
+    ]
+
+
+def _in_turn(blocks):
+    """The `(n, rows, cols)` tensors `blocks` as one, their blocks taken in
+    turn: block j of each, then block j + 1. Each device's blocks of the
+    one are those it holds of each (laid out by block), where a
+    concatenation would move them."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return ops.reshape(ops.stack(blocks, axis=1), (-1, *blocks[0].shape[1:]))
 
 
 def by_variable(batches, orthogonal):
@@ -168,7 +182,11 @@ def by_variable(batches, orthogonal):
     for batch, stacked in zip(batches, orthogonal):
         parts = batch.parts or [0] * len(batch.entries)
         views = [entry.state.route.view.parts[p] for entry, p in zip(batch.entries, parts)]
-        pieces = _split(stacked, [view.num_blocks for view in views])
+        if batch.placement is None:
+            pieces = _split(stacked, [view.num_blocks for view in views])
+        else:  # taken in turn (`_in_turn`)
+            taken = ops.reshape(stacked, (-1, len(views), *stacked.shape[1:]))
+            pieces = [taken[:, i] for i in range(len(views))] if len(views) > 1 else [stacked]
         for entry, part, view, blocks in zip(batch.entries, parts, views, pieces):
             count = len(entry.state.route.view.parts)
             if count == 1:

@@ -275,10 +275,37 @@ def experts_rule(layer, variable, per_head):
     return keras_muon.Route(view, "experts")
 
 
-def experts_model():
-    tokens = keras.Input((SEQUENCE, 16))
-    x = keras.layers.Reshape((SEQUENCE, 8 * 12))(Experts(name="experts")(tokens))
+def experts_model(depth=1):
+    """`depth` banks of `Experts` one after the other, and a Dense head."""
+    x = tokens = keras.Input((SEQUENCE, 16))
+    for i in range(depth):
+        name = "experts" if depth == 1 else f"experts_{i}"
+        x = keras.layers.Reshape((SEQUENCE, 8 * 12))(Experts(name=name)(x))
     return keras.Model(tokens, keras.layers.Dense(3, name="head")(x))
+
+
+def update_scratch_bytes(model, optimizer, distribution=None):
+    """XLA's scratch of `optimizer`'s compiled update of `model` (JAX), under
+    `distribution` if any, compiled for the variables' shardings with the
+    weights and the state donated (as Keras's JAX trainer does)."""
+    import jax
+
+    optimizer.attach(model)
+    optimizer.build(model.trainable_variables)
+
+    def update(weights, state, grads):  # the outputs' order: each buffer reused
+        return optimizer.stateless_apply(state, grads, weights)
+
+    def structs(variables):
+        return [
+            jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.value.sharding) for v in variables
+        ]
+
+    weights, state = structs(model.trainable_variables), structs(optimizer.variables)
+    scope = contextlib.nullcontext() if distribution is None else distribution.scope()
+    with scope, keras.StatelessScope(initialize_variables=False):
+        compiled = jax.jit(update, donate_argnums=(0, 1)).lower(weights, state, weights).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def layouts(mesh, table):
@@ -312,6 +339,13 @@ def jax_layouts_case():
         "expert parallel": (
             lambda: causal_lm("MixtralBackbone", MIXTRAL),
             layouts(two_axes, {".*expert_feedforward.*": ("model", None, None)}),
+            "batch",
+        ),
+        # Each expert split over the 4 devices of its group: its blocks are
+        # gathered whole within the group, by an all-to-all.
+        "expert parallel × fully sharded": (
+            lambda: causal_lm("MixtralBackbone", MIXTRAL),
+            layouts(two_axes, {".*expert_feedforward.*": ("batch", "model", None)}),
             "batch",
         ),
         "keras-hub layout map": (
@@ -358,6 +392,7 @@ def jax_layouts_case():
     keras_muon.register_layer_rule(Experts, experts_rule)
     for name, mesh, table, build in [
         ("experts alone", one_axis, {"experts/kernel": ("model", None, None)}, experts_model),
+        ("experts split", two_axes, {"experts/kernel": ("batch", "model", None)}, experts_model),
         ("fully sharded", one_axis, FULLY_SHARDED_LAYOUTS, transformer),
     ]:
         distribution = keras.distribution.ModelParallel(
@@ -367,6 +402,20 @@ def jax_layouts_case():
             steps: update_collectives(distribution, build, keras_muon.Muon(ns_steps=steps))
             for steps in (5, 10)
         }
+    # Banks split within each expert, one bank a bucket: the scratch of the
+    # update is one bucket's, whatever the number of banks.
+    result["experts split: scratch bytes"] = {}
+    for depth in (2, 6):
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layouts(two_axes, {"experts.*/kernel": ("batch", "model", None)}),
+            batch_dim_name="batch",
+        )
+        with distribution.scope():
+            model = experts_model(depth)
+            block = 4 * 96 * 12  # float32 bytes: a (96, 12) bank's share per device
+            optimizer = keras_muon.Muon(ns_bucket_bytes=block)
+            scratch = update_scratch_bytes(model, optimizer, distribution)
+        result["experts split: scratch bytes"][depth] = scratch
     with keras.distribution.ModelParallel(
         layout_map=layouts(one_axis, {"experts/kernel": ("model", None, None)}),
         batch_dim_name="model",

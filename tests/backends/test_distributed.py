@@ -184,7 +184,12 @@ def test_two_jax_processes_match_one_device_and_resume_on_one(tmp_path):
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
 def test_sharded_expert_and_tensor_parallel_layouts(tmp_path):
     result = run_case("jax_layouts", tmp_path)
-    for name in ("fully sharded", "expert parallel", "keras-hub layout map"):
+    for name in (
+        "fully sharded",
+        "expert parallel",
+        "expert parallel × fully sharded",
+        "keras-hub layout map",
+    ):
         assert result[name]["max weight difference"] <= 1e-4, (name, result[name])
         one_device, distributed = result[name]["clipped heads"]
         assert one_device == distributed, (name, result[name])
@@ -226,6 +231,10 @@ def test_sharded_expert_and_tensor_parallel_layouts(tmp_path):
     # no collective at all. Fully sharded: the same collectives whatever
     # the number of Newton–Schulz steps, so none within the iteration.
     assert result["experts alone: collectives"] == {"5": {}, "10": {}}
+    # Each expert split over 4 devices: one all-to-all each way among them.
+    assert result["experts split: collectives"] == {"5": {"all-to-all": 2}, "10": {"all-to-all": 2}}
+    scratch = result["experts split: scratch bytes"]
+    assert scratch["2"] == scratch["6"], scratch
     collectives = result["fully sharded: collectives"]
     assert collectives["5"] == collectives["10"] and collectives["5"], collectives
 

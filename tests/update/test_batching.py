@@ -98,24 +98,42 @@ def test_stack_by_shape_and_by_variable_round_trip():
         entry((3, 4, 4), "heads"),
         sections_entry("parts"),
         entry((4, 4), "square"),
+        entry((2, 4, 6), "experts"),
+        entry((2, 6, 4), "experts transposed"),
     ]
     rng = np.random.default_rng(0)
     values = [rng.normal(size=e.state.route.view.shape).astype("float32") for e in entries]
     wide = [
         e.state.route.view.to_wide_blocks(ops.convert_to_tensor(v)) for e, v in zip(entries, values)
     ]
-    batches = batching.stack_by_shape(entries, wide)
+    placed = ("model", None, None)  # two expert banks, each expert on a device
+    batches = batching.stack_by_shape(entries, wide, [None] * 5 + [placed] * 2)
     # The tall block joins the wide one's batch, in order of appearance;
-    # each part of a variable joins the batch of its shape.
+    # each part of a variable joins the batch of its shape; banks laid out
+    # by block share one batch of their own.
     assert [[e.variable for e in b.entries] for b in batches] == [
         ["wide", "tall", "parts"],
         ["heads", "parts", "square"],
+        ["experts", "experts transposed"],
     ]
-    assert [b.parts for b in batches] == [[0, 0, 0], [0, 1, 0]]
-    assert [tuple(b.blocks.shape) for b in batches] == [(3, 4, 6), (5, 4, 4)]
+    assert [b.parts for b in batches] == [[0, 0, 0], [0, 1, 0], None]
+    assert [tuple(b.blocks.shape) for b in batches] == [(3, 4, 6), (5, 4, 4), (4, 4, 6)]
+    # Their blocks in turn, expert by expert: each device keeps its own.
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(batches[2].blocks),
+        np.stack([values[5][0], values[6][0].T, values[5][1], values[6][1].T]),
+    )
     got = list(batching.by_variable(batches, [b.blocks for b in batches]))
     # A variable of several parts comes once its last part has.
-    assert [e.variable for e, _ in got] == ["wide", "tall", "heads", "parts", "square"]
+    assert [e.variable for e, _ in got] == [
+        "wide",
+        "tall",
+        "heads",
+        "parts",
+        "square",
+        "experts",
+        "experts transposed",
+    ]
     for e, blocks in got:
         view = e.state.route.view
         assert [tuple(b.shape) for b in blocks] == [
@@ -136,7 +154,7 @@ def test_buckets_hold_at_most_the_budget_per_device():
         entry((4, 8), "c"),
     ]
     placed = [entry((2, 4, 8), "placed"), entry((2, 4, 8), "placed too")]
-    placements = [None] * 5 + ["model"] * 2
+    placements = [None] * 5 + [("model", None, None)] * 2
     block = 4 * 4 * 8  # float32 bytes of a 4×8 block
     names = [
         [e.variable for e in bucket]

@@ -7,6 +7,7 @@ from keras import ops
 
 import keras_muon
 from keras_muon.update import momentum_storage
+from tests.backends.distributed_cases import update_scratch_bytes
 
 
 def numpy_quantize(x, block):
@@ -181,30 +182,15 @@ def test_a_bfloat16_momentum_loads_into_a_float32_one_and_back(tmp_path):
 
 
 def compiled_scratch_bytes(depth, momentum_dtype):
-    """XLA's scratch of one update, compiled with the weights and the state
-    donated (as Keras's JAX trainer does), of `depth` pairs of Dense layers
-    (256, 1024) and (1024, 256), a bucket of its own each."""
-    import jax
-
+    """XLA's scratch of one update (`update_scratch_bytes`) of `depth` pairs
+    of Dense layers (256, 1024) and (1024, 256), a bucket of its own each."""
     x = keras.Input((8, 256))
     y = x
     for _ in range(depth):
         y = keras.layers.Dense(256)(keras.layers.Dense(1024)(y))
     model = keras.Model(x, keras.layers.Dense(4)(y))
     optimizer = keras_muon.Muon(momentum_dtype=momentum_dtype, ns_bucket_bytes=2**20)
-    optimizer.attach(model)
-    optimizer.build(model.trainable_variables)
-
-    def update(weights, state, grads):  # the outputs' order: each buffer reused
-        return optimizer.stateless_apply(state, grads, weights)
-
-    def structs(variables):
-        return [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
-
-    weights, state = structs(model.trainable_variables), structs(optimizer.variables)
-    with keras.StatelessScope(initialize_variables=False):
-        compiled = jax.jit(update, donate_argnums=(0, 1)).lower(weights, state, weights).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return update_scratch_bytes(model, optimizer)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's compile-time memory analysis")
