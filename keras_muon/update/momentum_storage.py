@@ -77,20 +77,22 @@ def stored(state, value, after=None):
     """`[(variable, new value)]`: what to assign to store `value` as the
     momentum of `state` (a `VariableState`); on JAX, a rounded momentum
     (bfloat16, int8) computed after the tensor `after` (the step's
-    direction, which is read from the old momentum) where it is whole on
-    each device."""
+    direction, which is read from the old momentum)."""
     momentum, scales = state.momentum, state.momentum_scales
     layout = getattr(momentum, "_layout", None)
     rounded = momentum.dtype in ("bfloat16", "int8")
     if rounded and after is not None and keras.backend.backend() == "jax":
-        if not (layout and any(layout.axes)):
-            # XLA reads the old momentum again wherever the direction is
-            # used; with the new one free to come first, it copies every
-            # variable's old momentum at the start of the update (scratch
-            # that grows with the model) rather than write the new one
-            # over it. A factor of exactly 1 computed from the direction
-            # orders them. (A sharded momentum's copies are its shards;
-            # the factor would cost an all-reduce.)
+        # XLA reads the old momentum again wherever the direction is used;
+        # with the new one free to come first, it copies every variable's
+        # old momentum at the start of the update (scratch that grows with
+        # the model) rather than write the new one over it. A factor of
+        # exactly 1 computed from the direction orders them: where the
+        # momentum is whole on each device, only one from all of the
+        # direction does; where it is sharded, one element by element does,
+        # with no all-reduce.
+        if layout and any(layout.axes):
+            value = value * ops.cast(ops.logical_not(after > float("inf")), value.dtype)
+        else:
             value = value * ops.cast(ops.logical_not(ops.max(after) > float("inf")), value.dtype)
     if scales is None:
         return [(momentum, ops.cast(value, momentum.dtype))]

@@ -402,20 +402,30 @@ def jax_layouts_case():
             steps: update_collectives(distribution, build, keras_muon.Muon(ns_steps=steps))
             for steps in (5, 10)
         }
-    # Banks split within each expert, one bank a bucket: the scratch of the
-    # update is one bucket's, whatever the number of banks.
-    result["experts split: scratch bytes"] = {}
-    for depth in (2, 6):
-        distribution = keras.distribution.ModelParallel(
-            layout_map=layouts(two_axes, {"experts.*/kernel": ("batch", "model", None)}),
-            batch_dim_name="batch",
-        )
-        with distribution.scope():
-            model = experts_model(depth)
-            block = 4 * 96 * 12  # float32 bytes: a (96, 12) bank's share per device
-            optimizer = keras_muon.Muon(ns_bucket_bytes=block)
-            scratch = update_scratch_bytes(model, optimizer, distribution)
-        result["experts split: scratch bytes"][depth] = scratch
+    # One bank a bucket: the scratch of the update is one bucket's, whatever
+    # the number of banks, for banks split within each expert, and for an
+    # int8 momentum of banks split by expert.
+    for name, mesh, layout, options in [
+        ("experts split", two_axes, ("batch", "model", None), {}),
+        (
+            "experts alone, int8 momentum",
+            one_axis,
+            ("model", None, None),
+            {"momentum_dtype": "int8"},
+        ),
+    ]:
+        result[f"{name}: scratch bytes"] = {}
+        for depth in (2, 6):
+            distribution = keras.distribution.ModelParallel(
+                layout_map=layouts(mesh, {"experts.*/kernel": layout}),
+                batch_dim_name=mesh.axis_names[0],
+            )
+            with distribution.scope():
+                model = experts_model(depth)
+                block = 4 * 96 * 12  # float32 bytes: a (96, 12) bank's share per device
+                optimizer = keras_muon.Muon(ns_bucket_bytes=block, **options)
+                scratch = update_scratch_bytes(model, optimizer, distribution)
+            result[f"{name}: scratch bytes"][depth] = scratch
     with keras.distribution.ModelParallel(
         layout_map=layouts(one_axis, {"experts/kernel": ("model", None, None)}),
         batch_dim_name="model",

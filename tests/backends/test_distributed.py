@@ -233,8 +233,10 @@ def test_sharded_expert_and_tensor_parallel_layouts(tmp_path):
     assert result["experts alone: collectives"] == {"5": {}, "10": {}}
     # Each expert split over 4 devices: one all-to-all each way among them.
     assert result["experts split: collectives"] == {"5": {"all-to-all": 2}, "10": {"all-to-all": 2}}
-    scratch = result["experts split: scratch bytes"]
-    assert scratch["2"] == scratch["6"], scratch
+    # The update's scratch does not grow with the number of banks.
+    for name in ("experts split", "experts alone, int8 momentum"):
+        scratch = result[f"{name}: scratch bytes"]
+        assert scratch["6"] <= scratch["2"], (name, scratch)
     collectives = result["fully sharded: collectives"]
     assert collectives["5"] == collectives["10"] and collectives["5"], collectives
 
