@@ -126,8 +126,20 @@ FAMILY_SCHEDULE = coefficient_schedule("polar_express", 5)
 FAMILY_LEARNING_RATE = 0.02
 
 
-def family_reference(
-    initial,
+def family_reference(initial, gradients, **options):
+    """The reference on 2-D kernels read as (d_in, d_out) = shape."""
+    return [
+        family_reference_blocks(
+            w.astype(np.float64)[None],
+            [step[i].astype(np.float64)[None] for step in gradients],
+            **options,
+        )[0]
+        for i, w in enumerate(initial)
+    ]
+
+
+def family_reference_blocks(
+    blocks,
     gradients,
     *,
     rule,
@@ -138,36 +150,34 @@ def family_reference(
     hyperball=False,
     **options,
 ):
-    """The reference on 2-D kernels read as (d_in, d_out) = shape."""
-    finals = []
-    for i, w in enumerate(initial):
-        w = w.astype(np.float64)[None]
-        m = np.zeros_like(w)
-        d_in, d_out = w.shape[1:]
-        if rule == "normuon":
-            state = np.zeros((1, *reference.normuon_second_moment_shape(d_in, d_out, neuron_axis)))
-        else:
-            state = np.zeros_like(w)
-        radius = np.linalg.norm(w, axis=(-2, -1)) if hyperball else None
-        for step in gradients:
-            w, m, state = reference.muon_family_step(
-                w,
-                m,
-                state,
-                step[i].astype(np.float64)[None],
-                rule=rule,
-                lr=FAMILY_LEARNING_RATE,
-                momentum=0.95,
-                nesterov=nesterov,
-                weight_decay=weight_decay,
-                schedule=FAMILY_SCHEDULE,
-                scale=reference.scale("moonlight", d_in, d_out),
-                cautious=cautious,
-                radius=radius,
-                **options,
-            )
-        finals.append(w[0])
-    return finals
+    """The reference's steps of float64 `blocks` `(n, d_in, d_out)`, each
+    block a matrix of its own, through `gradients` (each of their shape)."""
+    d_in, d_out = blocks.shape[1:]
+    m = np.zeros_like(blocks)
+    if rule == "normuon":
+        shape = reference.normuon_second_moment_shape(d_in, d_out, neuron_axis)
+        state = np.zeros((len(blocks), *shape))
+    else:
+        state = np.zeros_like(blocks)
+    radius = np.linalg.norm(blocks, axis=(-2, -1)) if hyperball else None
+    for step in gradients:
+        blocks, m, state = reference.muon_family_step(
+            blocks,
+            m,
+            state,
+            step,
+            rule=rule,
+            lr=FAMILY_LEARNING_RATE,
+            momentum=0.95,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            schedule=FAMILY_SCHEDULE,
+            scale=reference.scale("moonlight", d_in, d_out),
+            cautious=cautious,
+            radius=radius,
+            **options,
+        )
+    return blocks
 
 
 def check_family_member(

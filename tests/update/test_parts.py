@@ -10,10 +10,9 @@ from keras import ops
 import keras_muon
 from keras_muon import FusedLayout
 from keras_muon import Part
-from tests import reference
 from tests.helpers import ATOL
 from tests.helpers import FAMILY_LEARNING_RATE
-from tests.helpers import FAMILY_SCHEDULE
+from tests.helpers import family_reference_blocks
 
 D, HEADS, MLP = 8, 2, 12
 
@@ -61,30 +60,13 @@ def reference_steps(rule, w, gradients, per_head, name, hyperball):
     grads = [numpy_parts(name, g.astype(np.float64), per_head)[0] for g in gradients]
     finals = []
     for i, blocks in enumerate(parts):
-        d_in, d_out = blocks.shape[1:]
-        m = np.zeros_like(blocks)
-        if rule == "normuon":
-            state = np.zeros(
-                (len(blocks), *reference.normuon_second_moment_shape(d_in, d_out, "longer"))
-            )
-        else:
-            state = np.zeros_like(blocks)
-        radius = np.linalg.norm(blocks, axis=(-2, -1)) if hyperball else None
-        for step in grads:
-            blocks, m, state = reference.muon_family_step(
-                blocks,
-                m,
-                state,
-                step[i],
-                rule=rule,
-                lr=FAMILY_LEARNING_RATE,
-                momentum=0.95,
-                nesterov=True,
-                weight_decay=0.0 if hyperball else 0.1,
-                schedule=FAMILY_SCHEDULE,
-                scale=reference.scale("moonlight", d_in, d_out),
-                radius=radius,
-            )
+        blocks = family_reference_blocks(
+            blocks,
+            [step[i] for step in grads],
+            rule=rule,
+            weight_decay=0.0 if hyperball else 0.1,
+            hyperball=hyperball,
+        )
         # Back to the section: heads side by side on the fused axis.
         finals.append(np.concatenate(list(blocks), axis=axis))
     return np.concatenate(finals, axis=axis)
@@ -198,20 +180,7 @@ def test_a_head_major_kernel_steps_as_each_part_gathered_across_heads(isolated_r
                 w[None, :, :, columns].reshape(1, D, D),
                 g[:, :, columns].reshape(1, D, D),
             )
-        d_in, d_out = blocks.shape[1:]
-        new, _, _ = reference.muon_family_step(
-            blocks,
-            np.zeros_like(blocks),
-            None,
-            grads,
-            rule="muon",
-            lr=FAMILY_LEARNING_RATE,
-            momentum=0.95,
-            nesterov=True,
-            weight_decay=0.1,
-            schedule=FAMILY_SCHEDULE,
-            scale=reference.scale("moonlight", d_in, d_out),
-        )
+        new = family_reference_blocks(blocks, [grads], rule="muon")
         expected[:, :, columns] = (
             new.transpose(1, 0, 2) if per_head else new[0].reshape(D, HEADS, hd)
         )
