@@ -125,13 +125,18 @@ def split_counts(entries):
     if distribution is None:
         return [1] * len(entries)
     mesh = distribution.device_mesh
-    sizes = dict(zip(mesh.axis_names, mesh.shape))
+    sizes = _axis_sizes(mesh)
     counts = []
     for entry in entries:
         layout = getattr(entry.variable, "_layout", None)
         axes = () if layout is None else [a for a in layout.axes if a is not None]
         counts.append(math.prod(sizes[a] for a in axes))
     return counts
+
+
+def _axis_sizes(mesh):
+    """`{axis name: number of devices}` of a `keras.distribution.DeviceMesh`."""
+    return dict(zip(mesh.axis_names, mesh.shape))
 
 
 def _placement(entry, distribution):
@@ -145,7 +150,7 @@ def _placement(entry, distribution):
         return None
     placement = (axes[0], *within)
     # shard_map takes whole shares: each axis a multiple of its devices.
-    sizes = dict(zip(distribution.device_mesh.axis_names, distribution.device_mesh.shape))
+    sizes = _axis_sizes(distribution.device_mesh)
     shape = (view.num_blocks, *view.wide_shape)
     if any(a is not None and n % sizes[a] for a, n in zip(placement, shape)):
         return None
@@ -163,7 +168,7 @@ def _jax_in_place(blocks, schedule, dtype, placement):
         if not split:
             return newton_schulz(mine, schedule, dtype)
         (axis, name), count = split[0], mine.shape[0]
-        devices = dict(zip(mesh.axis_names, mesh.shape))[name]
+        devices = _axis_sizes(mesh)[name]
         # An all-to-all among the devices that share these blocks gives each
         # 1/devices of them whole (zero blocks pad their number), and
         # another brings the results back to the rows or columns it holds.

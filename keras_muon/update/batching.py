@@ -172,6 +172,15 @@ def _in_turn(blocks):
     return ops.reshape(ops.stack(blocks, axis=1), (-1, *blocks[0].shape[1:]))
 
 
+def _out_of_turn(blocks, count):
+    """The inverse of `_in_turn`: the `count` tensors whose blocks it took
+    in turn."""
+    if count == 1:
+        return [blocks]
+    taken = ops.reshape(blocks, (-1, count, *blocks.shape[1:]))
+    return [taken[:, i] for i in range(count)]
+
+
 def by_variable(batches, orthogonal):
     """`(entry, blocks)` for each variable of `batches`, `blocks` a list
     with the `(num_blocks, d_in, d_out)` blocks of each part of its view,
@@ -184,9 +193,8 @@ def by_variable(batches, orthogonal):
         views = [entry.state.route.view.parts[p] for entry, p in zip(batch.entries, parts)]
         if batch.placement is None:
             pieces = _split(stacked, [view.num_blocks for view in views])
-        else:  # taken in turn (`_in_turn`)
-            taken = ops.reshape(stacked, (-1, len(views), *stacked.shape[1:]))
-            pieces = [taken[:, i] for i in range(len(views))] if len(views) > 1 else [stacked]
+        else:
+            pieces = _out_of_turn(stacked, len(views))
         for entry, part, view, blocks in zip(batch.entries, parts, views, pieces):
             count = len(entry.state.route.view.parts)
             if count == 1:
